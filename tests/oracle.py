@@ -1,0 +1,73 @@
+"""Test helpers: transformers BLIP models built from configs with re-randomized weights, saved with
+`save_pretrained` (the oracle every parity test compares against), and error reporting."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+TINY_VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                   image_size=32, patch_size=8, projection_dim=16)
+TINY_TEXT = dict(vocab_size=99, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=64, bos_token_id=97, sep_token_id=3,
+                 pad_token_id=0, eos_token_id=2)
+# BLIP-base: ViT-B/16 at 384 px (577 image tokens), BERT-base text with the 30524-token vocabulary.
+BASE_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   image_size=384, patch_size=16)
+BASE_TEXT = dict(vocab_size=30524, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12)
+
+
+def hf_config(vision=TINY_VISION, text=TINY_TEXT, **top):
+    import transformers
+
+    return transformers.BlipConfig(
+        vision_config=dict(vision), text_config=dict(text), projection_dim=top.pop("projection_dim", 16),
+        image_text_hidden_size=top.pop("image_text_hidden_size", 12), **top,
+    )
+
+
+@torch.no_grad()
+def rerandomize(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> torch.nn.Module:
+    """Overwrite every parameter: transformers' own init leaves BLIP's vision near zero
+    (initializer_range 1e-10), which would make any comparison vacuous."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "LayerNorm.weight" in name or "layer_norm" in name and name.endswith("weight") or "post_layernorm.weight" in name:
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+        elif name.endswith("logit_scale"):
+            p.fill_(2.6592)
+        else:
+            p.copy_(std * torch.randn(p.shape, generator=g) * (5.0 if "embedding" in name else 1.0))
+    return model
+
+
+def make_checkpoint(arch: str, folder, config=None, seed: int = 0, std: float = 0.02, **save_kwargs):
+    """Build transformers' `arch` from `config`, re-randomize, save_pretrained to `folder`.
+    Returns the transformers model (eval mode, fp32)."""
+    import transformers
+
+    cls = getattr(transformers, arch)
+    model = cls(config or hf_config()).eval()
+    rerandomize(model, seed=seed, std=std)
+    # transformers ties the LM head to the word embeddings: keep that tie after re-randomizing.
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model.save_pretrained(folder, **save_kwargs)
+    return model
+
+
+def errors(ours, theirs) -> tuple[float, float]:
+    ours = ours.detach().float().numpy() if isinstance(ours, torch.Tensor) else np.asarray(ours, np.float32)
+    theirs = theirs.detach().float().numpy() if isinstance(theirs, torch.Tensor) else np.asarray(theirs, np.float32)
+    assert ours.shape == theirs.shape, f"shape {ours.shape} != {theirs.shape}"
+    max_abs = float(np.abs(ours - theirs).max()) if ours.size else 0.0
+    scale = float(np.abs(theirs).max()) if theirs.size else 0.0
+    return max_abs, max_abs / max(scale, 1e-30)
+
+
+def assert_close(ours, theirs, rel: float, what: str) -> None:
+    """Relative error = max |ours - theirs| / max |theirs|; both numbers are printed."""
+    max_abs, rel_err = errors(ours, theirs)
+    print(f"{what}: max abs error {max_abs:.3e}, relative error {rel_err:.3e}")
+    assert rel_err < rel, f"{what}: relative error {rel_err:.3e} >= {rel:.0e} (max abs error {max_abs:.3e})"
