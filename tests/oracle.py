@@ -71,3 +71,43 @@ def assert_close(ours, theirs, rel: float, what: str) -> None:
     max_abs, rel_err = errors(ours, theirs)
     print(f"{what}: max abs error {max_abs:.3e}, relative error {rel_err:.3e}")
     assert rel_err < rel, f"{what}: relative error {rel_err:.3e} >= {rel:.0e} (max abs error {max_abs:.3e})"
+
+
+WORDS = ("a picture of the an photo cat dog two on with red blue green circle square triangle what is "
+         "color shape there in small large left right top bottom and").split()
+
+
+def blip_vocab(size: int) -> dict[str, int]:
+    """A BLIP-shaped WordPiece vocabulary of `size` tokens: BERT specials, words, letters and
+    word pieces (so any lowercase ASCII text tokenizes), filler, then [DEC] (bos) and [ENC] last.
+    size 99: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4; size 30524: BERT's ids 0/100/101/102/103."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    body = WORDS + [l for l in letters if l not in WORDS] + [f"##{l}" for l in letters] + list("0123456789.,?!'")
+    tokens: list[str] = []
+    if size >= 30000:
+        tokens = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + specials[1:]
+    else:
+        tokens = list(specials)
+    tokens += [t for t in body if t not in tokens]
+    tokens = tokens[: size - 2]
+    tokens += [f"filler{i}" for i in range(size - 2 - len(tokens))]
+    return {t: i for i, t in enumerate(tokens + ["[DEC]", "[ENC]"])}
+
+
+def save_processor(folder, vocab_size: int, image_size: int) -> None:
+    """BlipProcessor (BERT tokenizer + BLIP image processor) saved as a checkpoint carries it."""
+    import transformers
+
+    tok = transformers.BertTokenizerFast(vocab=blip_vocab(vocab_size), bos_token="[DEC]",
+                                         additional_special_tokens=["[ENC]"])
+    image = transformers.BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+    transformers.BlipProcessor(image, tok).save_pretrained(folder)
+
+
+def make_full_checkpoint(arch: str, folder, config=None, seed: int = 0, std: float = 0.02):
+    """make_checkpoint plus the processor files, as a public checkpoint folder has them."""
+    config = config or hf_config()
+    model = make_checkpoint(arch, folder, config, seed=seed, std=std)
+    save_processor(folder, config.text_config.vocab_size, config.vision_config.image_size)
+    return model

@@ -1,0 +1,294 @@
+"""Export a BLIP checkpoint folder into an engine bundle (manifest.json, graphs, tokenizer.json).
+
+The bundle is built in a temporary folder beside the destination and renamed into place only
+when complete, so an interrupted export never leaves half a bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from blip_runtime.graphs import Dims, GraphSpec, Limits, blip_graphs, random_feeds
+from blip_runtime.image import CLIP_MEAN, CLIP_STD, ImageSettings
+from blip_runtime.manifest import FORMAT_VERSION
+
+from .config import BlipConfig
+from .errors import CheckpointError
+from .loading import load_model
+from .onnx_export import compare, export_graph, reference_outputs, verify_sizes
+
+TASKS_OF = {
+    "BlipForConditionalGeneration": ("caption",),
+    "BlipForQuestionAnswering": ("vqa",),
+    "BlipForImageTextRetrieval": ("itm", "itc"),
+    "BlipModel": ("itc",),
+}
+FP32_TOLERANCE = 1e-4  # relative error of each graph against the reference module
+
+
+class ExportError(RuntimeError):
+    """An export that cannot go on; the message is one line for the CLI."""
+
+
+@dataclass
+class ExportReport:
+    bundle: Path
+    tasks: list[str]
+    errors: dict[str, dict] = field(default_factory=dict)  # graph -> {"max_abs", "rel"}
+    seconds: float = 0.0
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_dims(config: BlipConfig) -> Dims:
+    itc = {"BlipForImageTextRetrieval": config.image_text_hidden_size, "BlipModel": config.projection_dim}
+    return Dims(
+        image_size=config.vision.image_size,
+        num_image_tokens=config.vision.num_positions,
+        vision_hidden=config.vision.hidden_size,
+        text_hidden=config.text.hidden_size,
+        num_layers=config.text.num_hidden_layers,
+        num_heads=config.text.num_attention_heads,
+        head_dim=config.text.head_dim,
+        vocab_size=config.text.vocab_size,
+        itc_dim=itc.get(config.architecture, 0),
+    )
+
+
+def select_tasks(config: BlipConfig, requested: list[str] | None) -> list[str]:
+    available = TASKS_OF[config.architecture]
+    if not requested:
+        return list(available)
+    wrong = [t for t in requested if t not in available]
+    if wrong:
+        raise ExportError(
+            f"--tasks {','.join(wrong)}: a {config.architecture} checkpoint supports {','.join(available)}"
+        )
+    return list(requested)
+
+
+def image_settings(folder: Path, config: BlipConfig) -> ImageSettings:
+    path = folder / "preprocessor_config.json"
+    if path.is_file():
+        try:
+            settings = ImageSettings.from_preprocessor_config(json.loads(path.read_text(encoding="utf-8")))
+        except ValueError as e:
+            raise CheckpointError(path, str(e)) from None
+    else:  # BLIP's processor defaults, at the model's image size
+        size = config.vision.image_size
+        settings = ImageSettings(size=(size, size), mean=CLIP_MEAN, std=CLIP_STD)
+    if settings.size != (config.vision.image_size, config.vision.image_size):
+        raise CheckpointError(path, f"size {settings.size} differs from config.json image_size {config.vision.image_size}")
+    return settings
+
+
+def copy_tokenizer(folder: Path, dest: Path) -> None:
+    """tokenizer.json, or one built from vocab.txt as BlipProcessor's BertTokenizerFast builds it."""
+    if (folder / "tokenizer.json").is_file():
+        shutil.copy(folder / "tokenizer.json", dest)
+        return
+    vocab = folder / "vocab.txt"
+    if not vocab.is_file():
+        raise CheckpointError(folder, "no tokenizer: expected tokenizer.json or vocab.txt")
+    from tokenizers import AddedToken, BertWordPieceTokenizer
+
+    tok = BertWordPieceTokenizer(str(vocab), lowercase=True)
+    tok.add_special_tokens([AddedToken("[DEC]", special=True), AddedToken("[ENC]", special=True)])
+    tok.save(str(dest))
+
+
+def tokenizer_settings(folder: Path, max_positions: int) -> dict:
+    """What tokenizer.json does not hold: the length limit and whether decode() cleans up spaces
+    (transformers 5 defaults to False; 4.x BERT tokenizers to True)."""
+    settings = {"model_max_length": max_positions, "clean_up_tokenization_spaces": False}
+    path = folder / "tokenizer_config.json"
+    if path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        limit = data.get("model_max_length")
+        if isinstance(limit, int) and 0 < limit < max_positions:
+            settings["model_max_length"] = limit
+        if isinstance(data.get("clean_up_tokenization_spaces"), bool):
+            settings["clean_up_tokenization_spaces"] = data["clean_up_tokenization_spaces"]
+    return settings
+
+
+def generation_defaults(folder: Path, config: BlipConfig) -> dict:
+    """Defaults of generate(), from generation_config.json where present (transformers' defaults
+    otherwise: max_length 20 counting the prompt, greedy)."""
+    out = {"max_length": 20, "num_beams": 1, "min_length": 0}
+    path = folder / "generation_config.json"
+    if path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        for key in ("max_length", "max_new_tokens", "min_length", "min_new_tokens", "num_beams", "length_penalty",
+                    "repetition_penalty", "do_sample", "temperature", "top_k", "top_p", "early_stopping"):
+            if data.get(key) is not None:
+                out[key] = data[key]
+    return out
+
+
+def folder_checksum(folder: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        h.update(path.name.encode())
+        h.update(sha256(path).encode())
+    return h.hexdigest()
+
+
+def add_metadata(path: Path, meta: dict) -> None:
+    """Model dimensions and special token ids into the ONNX file, so a graph describes itself."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for key, value in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+    onnx.save(model, str(path))
+
+
+def check_onnx(path: Path) -> None:
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def verify(model, spec: GraphSpec, dims: Dims, path: Path, with_feat: bool) -> dict:
+    """ONNX Runtime against the reference module at several dynamic sizes: the worst errors."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in spec.outputs]
+    worst = {"max_abs": 0.0, "rel": 0.0}
+    for i, sizes in enumerate(verify_sizes(spec, dims)):
+        feeds = random_feeds(spec, dims, sizes, seed=i)
+        ours = dict(zip(names, session.run(names, feeds)))
+        max_abs, rel = compare(ours, reference_outputs(model, spec, feeds, with_feat))
+        worst = {"max_abs": max(worst["max_abs"], max_abs), "rel": max(worst["rel"], rel)}
+    return worst
+
+
+def default_output(folder: Path, precision: str) -> Path:
+    return Path(__file__).resolve().parent.parent / "engines" / f"{folder.resolve().name}-{precision}"
+
+
+def export_bundle(
+    checkpoint: str | Path,
+    output: str | Path | None = None,
+    tasks: list[str] | None = None,
+    precision: str = "fp32",
+    limits: Limits = Limits(),
+    progress=None,
+    overwrite: bool = True,
+) -> ExportReport:
+    """Export `checkpoint` to an ONNX bundle at `output`. `progress(msg)` is called per stage."""
+    import onnx
+    import onnxruntime
+    import torch
+
+    start = time.time()
+    say = progress or (lambda msg: None)
+    folder = Path(checkpoint)
+    if precision != "fp32":
+        raise ExportError(f"--precision {precision}: only fp32 is available in this version")
+    model, config = load_model(folder)
+    chosen = select_tasks(config, tasks)
+    dims = model_dims(config)
+    settings = image_settings(folder, config)
+    graphs = blip_graphs(dims, set(chosen), config.architecture)
+    dest = Path(output) if output else default_output(folder, precision)
+    if dest.exists() and not overwrite:
+        raise ExportError(f"{dest}: already exists")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        copy_tokenizer(folder, tmp / "tokenizer.json")
+        with_feat = "itc" in chosen
+        text = config.text
+        meta = {"family": "blip", "architecture": config.architecture, **dims.to_dict(),
+                "bos_token_id": text.bos_token_id, "sep_token_id": text.sep_token_id, "pad_token_id": text.pad_token_id}
+        report = ExportReport(bundle=dest, tasks=chosen)
+        entries = {}
+        for name, spec in graphs.items():
+            path = tmp / f"{name}.onnx"
+            say(f"exporting {name}")
+            export_graph(model, spec, dims, path, with_feat=with_feat)
+            add_metadata(path, {**meta, "graph": name})
+            check_onnx(path)
+            say(f"verifying {name}")
+            err = verify(model, spec, dims, path, with_feat)
+            report.errors[name] = err
+            if not err["rel"] < FP32_TOLERANCE:
+                raise ExportError(
+                    f"{name}: ONNX Runtime differs from the reference module by relative error {err['rel']:.2e} "
+                    f"(max abs {err['max_abs']:.2e}), above {FP32_TOLERANCE:.0e}"
+                )
+            entries[name] = {"file": path.name, "sha256": sha256(path), "io": spec.to_dict(), "verification": err}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "family": "blip",
+            "architecture": config.architecture,
+            "tasks": chosen,
+            "precision": precision,
+            "target": "onnx",
+            "dims": dims.to_dict(),
+            "limits": limits.__dict__,
+            "graphs": entries,
+            "tokenizer": {"file": "tokenizer.json", "sha256": sha256(tmp / "tokenizer.json"),
+                          **tokenizer_settings(folder, text.max_position_embeddings)},
+            "image": settings.to_dict(),
+            "generation": generation_defaults(folder, config),
+            "special_tokens": {"bos_token_id": text.bos_token_id, "sep_token_id": text.sep_token_id,
+                               "pad_token_id": text.pad_token_id},
+            "build": {
+                "blip_trt": _version(),
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__,
+                "python": platform.python_version(),
+                "source": str(folder.resolve()),
+                "source_sha256": folder_checksum(folder),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report.seconds = time.time() - start
+    return report
+
+
+def _replace(tmp: Path, dest: Path) -> None:
+    """Move the finished bundle into place; an older bundle at `dest` is removed only after."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("blip-trt")
+    except Exception:
+        return "unknown"

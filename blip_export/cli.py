@@ -1,0 +1,82 @@
+"""`blip-export MODEL_DIR --target onnx`: a checkpoint folder to an engine bundle.
+
+Exit codes: 0 done; 1 export failed (one-line reason); 2 bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from blip_runtime.graphs import Limits
+
+TASKS = ("caption", "vqa", "itm", "itc")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="blip-export",
+        description="Export a Hugging Face BLIP checkpoint folder to ONNX graphs (an engine bundle).",
+    )
+    p.add_argument("model", help="checkpoint folder (config.json, *.safetensors, tokenizer.json, preprocessor_config.json)")
+    p.add_argument("--target", choices=("onnx", "trt"), default="onnx", help="onnx: ONNX Runtime bundle (default)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
+    p.add_argument("--tasks", help=f"comma-separated subset of {','.join(TASKS)} (default: all the checkpoint has)")
+    p.add_argument("--output", "-o", type=Path, help="bundle folder (default: engines/<model>-<precision>)")
+    p.add_argument("--max-batch", type=int, default=Limits.max_batch)
+    p.add_argument("--max-text-len", type=int, default=Limits.max_text_len)
+    p.add_argument("--max-new-tokens", type=int, default=Limits.max_new_tokens)
+    p.add_argument("--num-beams", type=int, default=Limits.num_beams)
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    if tasks:
+        wrong = [t for t in tasks if t not in TASKS]
+        if wrong:
+            print(f"blip-export: --tasks {','.join(wrong)}: expected some of {','.join(TASKS)}", file=sys.stderr)
+            return 2
+    if args.target == "trt":
+        print("blip-export: --target trt is not available yet in this version; use --target onnx", file=sys.stderr)
+        return 1
+    for name in ("max_batch", "max_text_len", "max_new_tokens", "num_beams"):
+        if getattr(args, name) < 1:
+            print(f"blip-export: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
+            return 2
+    limits = Limits(args.max_batch, args.max_text_len, args.max_new_tokens, args.num_beams)
+
+    from tqdm import tqdm
+
+    from .bundle import ExportError, export_bundle
+    from .errors import CheckpointError
+
+    bar = tqdm(total=None, disable=args.quiet, bar_format="{desc} [{elapsed}]", file=sys.stderr)
+
+    def progress(msg: str) -> None:
+        bar.set_description_str(f"blip-export: {msg}")
+        bar.update()
+
+    try:
+        report = export_bundle(args.model, args.output, tasks, args.precision, limits, progress=progress)
+    except (CheckpointError, ExportError) as e:
+        bar.close()
+        print(f"blip-export: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        bar.close()
+        print("blip-export: interrupted; nothing was written", file=sys.stderr)
+        return 1
+    bar.close()
+    if not args.quiet:
+        for graph, err in report.errors.items():
+            print(f"  {graph:<14} max abs error {err['max_abs']:.2e}  relative {err['rel']:.2e}  (ONNX Runtime vs reference)")
+    print(f"{report.bundle}  tasks: {','.join(report.tasks)}  ({report.seconds:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

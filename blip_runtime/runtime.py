@@ -1,0 +1,234 @@
+"""BlipRuntime: captioning, VQA, image-text matching and retrieval features over an engine bundle.
+
+Batching rule: every request in a batch gets exactly what transformers gives for that request
+alone. transformers' own batched generate lets padding leak into results (a shorter caption prompt
+keeps its [SEP] and restarts position ids after the pads; VQA answers attend to the question's pad
+states); we mask padding and count positions per row instead, so results never depend on what
+else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .decoding import GenerationOptions, generate
+from .image import ImageSettings, preprocess
+from .manifest import BundleError, Manifest, load_manifest
+from .session import OrtSession, Session
+from .text import TextTokenizer
+
+
+class DecoderInference:
+    """The decoding loop's view of the `decoder_step` graph: keeps the KV cache, the cross K/V and
+    the encoder mask per row, and turns beam reordering into the graph's `beam_idx` input."""
+
+    def __init__(self, session: Session, manifest: Manifest, cross: dict[str, np.ndarray], encoder_mask: np.ndarray):
+        self.session = session
+        self.dims = manifest.dims
+        self.cross = cross  # cross_key.i / cross_value.i: [R, H, N, Dh]
+        self.encoder_mask = encoder_mask  # [R, N]
+        self.request = np.arange(encoder_mask.shape[0])  # which request each row serves
+        self.past: dict[str, np.ndarray] | None = None
+        self.beam_idx: np.ndarray | None = None
+
+    def logits(self, tokens: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        rows, new = tokens.shape
+        d = self.dims
+        if self.past is None:
+            empty = np.zeros((rows, d.num_heads, 0, d.head_dim), np.float32)
+            self.past = {f"past_{k}.{i}": empty for i in range(d.num_layers) for k in ("key", "value")}
+        # Position of each token = number of real tokens before it in its row, so right padding
+        # in a batch changes nothing.
+        positions = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)[:, -new:]
+        feeds = {
+            "input_ids": tokens.astype(np.int64),
+            "attention_mask": attention_mask.astype(np.int64),
+            "position_ids": positions.astype(np.int64),
+            "encoder_attention_mask": self.encoder_mask,
+            "beam_idx": self.beam_idx if self.beam_idx is not None else np.arange(rows, dtype=np.int64),
+            **self.past,
+            **self.cross,
+        }
+        out = self.session.run("decoder_step", feeds)
+        self.beam_idx = None
+        self.past = {name.replace("present_", "past_"): v for name, v in out.items() if name.startswith("present_")}
+        return out["logits"]
+
+    def rearrange(self, source_indices: np.ndarray) -> None:
+        source = np.asarray(source_indices, dtype=np.int64)
+        moved = self.request[source]
+        if len(source) != len(self.request) or not np.array_equal(moved, self.request):
+            # Rows change request (the expansion to beams before the first step): gather the
+            # per-request state. Reordering beams within a request leaves it as it is.
+            self.cross = {k: v[source] for k, v in self.cross.items()}
+            self.encoder_mask = self.encoder_mask[source]
+            self.request = moved
+        if self.past is not None:
+            if self.beam_idx is not None:
+                source = self.beam_idx[source]
+            if len(source) == next(iter(self.past.values())).shape[0]:
+                self.beam_idx = source  # gathered inside the graph on the next step
+            else:
+                self.past = {k: v[source] for k, v in self.past.items()}
+
+
+def _as_list(images) -> list:
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ValueError("images: expected at least one image")
+        return list(images)
+    return [images]
+
+
+def _per_image(texts, n: int, what: str) -> list[str]:
+    if isinstance(texts, str):
+        return [texts] * n
+    texts = list(texts)
+    if len(texts) != n:
+        raise ValueError(f"{what}: got {len(texts)} for {n} image(s); give one per image or a single string")
+    return texts
+
+
+class BlipRuntime:
+    """Run a BLIP bundle. `BlipRuntime.load(bundle_dir, providers=None)`."""
+
+    def __init__(self, manifest: Manifest, session: Session):
+        self.manifest = manifest
+        self.session = session
+        data = manifest.data
+        self.image_settings = ImageSettings.from_preprocessor_config(data["image"])
+        tok = data["tokenizer"]
+        self.tokenizer = TextTokenizer.from_file(
+            manifest.folder / tok["file"],
+            model_max_length=tok.get("model_max_length"),
+            clean_up_tokenization_spaces=tok.get("clean_up_tokenization_spaces", False),
+        )
+        self.special = manifest.special_tokens
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path, providers: list | None = None, threads: int | None = None) -> "BlipRuntime":
+        manifest = load_manifest(bundle_dir)
+        if manifest.data.get("target", "onnx") != "onnx":
+            raise BundleError(f"{bundle_dir}: target {manifest.data.get('target')!r} needs the TensorRT runtime")
+        return cls(manifest, OrtSession(manifest, providers, threads))
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.manifest.tasks
+
+    def _need(self, task: str) -> None:
+        if task not in self.manifest.tasks:
+            raise BundleError(
+                f"{self.manifest.folder}: this bundle does the tasks {self.manifest.tasks}, not {task!r}; "
+                "export a checkpoint that has it"
+            )
+
+    # -- stages -----------------------------------------------------------------------------
+    def pixels(self, images) -> np.ndarray:
+        """Images (paths, PIL images, HxWx3 uint8 arrays) -> pixel_values float32 [B, 3, H, W]."""
+        return preprocess(_as_list(images), self.image_settings)
+
+    def vision(self, images) -> dict[str, np.ndarray]:
+        return self.session.run("vision", {"pixel_values": self.pixels(images)})
+
+    def options(self, prompt_len: int, overrides: dict) -> GenerationOptions:
+        """Generation options: the bundle's defaults (from the checkpoint's generation config, with
+        transformers' max_length/min_length counting the prompt), then the caller's overrides."""
+        known = {f.name for f in fields(GenerationOptions)}
+        wrong = set(overrides) - known
+        if wrong:
+            raise ValueError(f"unknown generation option(s) {sorted(wrong)}; expected some of {sorted(known)}")
+        defaults = dict(self.manifest.data["generation"])
+        values = {k: v for k, v in defaults.items() if k in known}
+        if "max_new_tokens" not in defaults:
+            values["max_new_tokens"] = max(1, defaults.get("max_length", 20) - prompt_len)
+        if "min_new_tokens" not in defaults:
+            values["min_new_tokens"] = max(0, defaults.get("min_length", 0) - prompt_len)
+        values.update(overrides)
+        values["eos_token_id"] = self.special["sep_token_id"]  # BLIP stops at [SEP]
+        values["pad_token_id"] = self.special["pad_token_id"]
+        return GenerationOptions(**values)
+
+    def _decode(self, encoder_states, encoder_mask, prompt_ids, prompt_mask, overrides) -> list[list[int]]:
+        cross = self.session.run("cross_kv", {"encoder_states": encoder_states})
+        inference = DecoderInference(self.session, self.manifest, cross, encoder_mask.astype(np.int64))
+        options = self.options(prompt_ids.shape[1], overrides)
+        return generate(inference, prompt_ids, prompt_mask, options)
+
+    # -- tasks ------------------------------------------------------------------------------
+    def caption(self, images, prompt: str | Sequence[str] | None = None, **generation) -> list[str]:
+        """Captions, one per image; with a prompt, the caption continues it (and includes it, as
+        transformers' decode of the generated sequence does)."""
+        self._need("caption")
+        images = _as_list(images)
+        embeds = self.vision(images)["image_embeds"]
+        bos = self.special["bos_token_id"]
+        if prompt is None:
+            rows = [[bos] for _ in images]
+        else:
+            # As transformers: the prompt's [CLS] becomes [DEC] and its [SEP] is dropped (per row).
+            ids, mask = self.tokenizer.encode(_per_image(prompt, len(images), "prompt"))
+            rows = [[bos] + ids[i, 1 : int(mask[i].sum()) - 1].tolist() for i in range(len(images))]
+        prompt_ids, prompt_mask = self._pad(rows)
+        enc_mask = np.ones(embeds.shape[:2], np.int64)
+        generated = self._decode(embeds, enc_mask, prompt_ids, prompt_mask, generation)
+        return self.tokenizer.batch_decode([r + g for r, g in zip(rows, generated)])
+
+    def answer(self, images, questions: str | Sequence[str], **generation) -> list[str]:
+        """Answers, one per image/question pair."""
+        self._need("vqa")
+        images = _as_list(images)
+        embeds = self.vision(images)["image_embeds"]
+        ids, mask = self.tokenizer.encode(_per_image(questions, len(images), "questions"))
+        states = self.session.run("text_encoder", {"input_ids": ids, "attention_mask": mask, "image_embeds": embeds})
+        bos = np.full((len(images), 1), self.special["bos_token_id"], np.int64)
+        generated = self._decode(states["question_states"], mask, bos, np.ones_like(bos), generation)
+        return self.tokenizer.batch_decode(generated)
+
+    def match(self, images, texts: str | Sequence[str]) -> np.ndarray:
+        """ITM: probability float32 [B] that image i matches text i."""
+        self._need("itm")
+        images = _as_list(images)
+        embeds = self.vision(images)["image_embeds"]
+        ids, mask = self.tokenizer.encode(_per_image(texts, len(images), "texts"))
+        logits = self.session.run("text_encoder", {"input_ids": ids, "attention_mask": mask, "image_embeds": embeds})
+        z = logits["itm_logits"].astype(np.float64)
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        return (p[:, 1] / p.sum(axis=1)).astype(np.float32)
+
+    def image_features(self, images) -> np.ndarray:
+        """ITC image features, L2-normalized: float32 [B, E]."""
+        self._need("itc")
+        return self.vision(images)["image_feat"]
+
+    def text_features(self, texts: str | Sequence[str]) -> np.ndarray:
+        """ITC text features, L2-normalized: float32 [T, E]."""
+        self._need("itc")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        ids, mask = self.tokenizer.encode(texts)
+        return self.session.run("text_features", {"input_ids": ids, "attention_mask": mask})["text_feat"]
+
+    @staticmethod
+    def similarity(image_features: np.ndarray, text_features: np.ndarray) -> np.ndarray:
+        """Cosine similarity float32 [I, T] between normalized features; rank with argsort."""
+        return image_features @ text_features.T
+
+    def retrieve(self, images, texts: Sequence[str], batch_size: int = 16) -> np.ndarray:
+        """Similarity [I, T] of every image with every text, features computed in batches."""
+        images = _as_list(images)
+        img = np.concatenate([self.image_features(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+        txt = np.concatenate([self.text_features(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
+        return self.similarity(img, txt)
+
+    def _pad(self, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), self.special["pad_token_id"], np.int64)
+        mask = np.zeros((len(rows), width), np.int64)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = r
+            mask[i, : len(r)] = 1
+        return ids, mask
