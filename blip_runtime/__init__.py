@@ -1,1 +1,10 @@
-"""blip_runtime: run exported BLIP / BLIP-2 engine bundles with numpy, pillow and tokenizers (no torch)."""
+"""blip_runtime: run exported BLIP engine bundles with numpy, pillow, tokenizers and ONNX Runtime.
+
+Never imports torch: it runs on devices where torch is not installed.
+"""
+
+from .decoding import GenerationOptions
+from .manifest import BundleError
+from .runtime import BlipRuntime
+
+__all__ = ["BlipRuntime", "BundleError", "GenerationOptions"]

@@ -41,8 +41,8 @@ class DecoderInference:
         if self.past is None:
             empty = np.zeros((rows, d.num_heads, 0, d.head_dim), np.float32)
             self.past = {f"past_{k}.{i}": empty for i in range(d.num_layers) for k in ("key", "value")}
-        # Position of each token = number of real tokens before it in its row, so right padding
-        # in a batch changes nothing.
+        # Position of each token = number of real tokens before it in its row, so padding in a
+        # batch changes nothing.
         positions = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)[:, -new:]
         feeds = {
             "input_ids": tokens.astype(np.int64),
@@ -163,6 +163,10 @@ class BlipRuntime:
     def caption(self, images, prompt: str | Sequence[str] | None = None, **generation) -> list[str]:
         """Captions, one per image; with a prompt, the caption continues it (and includes it, as
         transformers' decode of the generated sequence does)."""
+        return self.tokenizer.batch_decode(self.caption_tokens(images, prompt, **generation))
+
+    def caption_tokens(self, images, prompt: str | Sequence[str] | None = None, **generation) -> list[list[int]]:
+        """Token ids per image: [DEC], the prompt's tokens, the generated tokens (with [SEP] if reached)."""
         self._need("caption")
         images = _as_list(images)
         embeds = self.vision(images)["image_embeds"]
@@ -176,10 +180,14 @@ class BlipRuntime:
         prompt_ids, prompt_mask = self._pad(rows)
         enc_mask = np.ones(embeds.shape[:2], np.int64)
         generated = self._decode(embeds, enc_mask, prompt_ids, prompt_mask, generation)
-        return self.tokenizer.batch_decode([r + g for r, g in zip(rows, generated)])
+        return [r + g for r, g in zip(rows, generated)]
 
     def answer(self, images, questions: str | Sequence[str], **generation) -> list[str]:
         """Answers, one per image/question pair."""
+        return self.tokenizer.batch_decode(self.answer_tokens(images, questions, **generation))
+
+    def answer_tokens(self, images, questions: str | Sequence[str], **generation) -> list[list[int]]:
+        """Token ids per pair: [DEC] and the generated answer (with [SEP] if reached)."""
         self._need("vqa")
         images = _as_list(images)
         embeds = self.vision(images)["image_embeds"]
@@ -187,7 +195,7 @@ class BlipRuntime:
         states = self.session.run("text_encoder", {"input_ids": ids, "attention_mask": mask, "image_embeds": embeds})
         bos = np.full((len(images), 1), self.special["bos_token_id"], np.int64)
         generated = self._decode(states["question_states"], mask, bos, np.ones_like(bos), generation)
-        return self.tokenizer.batch_decode(generated)
+        return [[int(bos[0, 0])] + g for g in generated]
 
     def match(self, images, texts: str | Sequence[str]) -> np.ndarray:
         """ITM: probability float32 [B] that image i matches text i."""
@@ -225,10 +233,12 @@ class BlipRuntime:
         return self.similarity(img, txt)
 
     def _pad(self, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Left-pad prompt rows: the decoder step returns the logits of the last position, which
+        must be each row's last real token; positions count real tokens only (DecoderInference)."""
         width = max(len(r) for r in rows)
         ids = np.full((len(rows), width), self.special["pad_token_id"], np.int64)
         mask = np.zeros((len(rows), width), np.int64)
         for i, r in enumerate(rows):
-            ids[i, : len(r)] = r
-            mask[i, : len(r)] = 1
+            ids[i, width - len(r) :] = r
+            mask[i, width - len(r) :] = 1
         return ids, mask
