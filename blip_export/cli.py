@@ -11,6 +11,8 @@ from pathlib import Path
 
 from blip_runtime.graphs import Limits
 
+from .defaults import default_models, resolve_model
+
 TASKS = ("caption", "vqa", "itm", "itc")
 
 
@@ -19,11 +21,18 @@ def parser() -> argparse.ArgumentParser:
         prog="blip-export",
         description="Export a Hugging Face BLIP checkpoint folder to ONNX graphs (an engine bundle).",
     )
-    p.add_argument("model", help="checkpoint folder (config.json, *.safetensors, tokenizer.json, preprocessor_config.json)")
+    names = ", ".join(default_models()) or "none installed"
+    p.add_argument(
+        "model",
+        nargs="?",
+        help="checkpoint folder (config.json, *.safetensors, tokenizer.json, preprocessor_config.json), or the "
+        f"short name of a shipped model ({names}); omitted: export every shipped model, one bundle each under --output",
+    )
     p.add_argument("--target", choices=("onnx", "trt"), default="onnx", help="onnx: ONNX Runtime bundle (default)")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
     p.add_argument("--tasks", help=f"comma-separated subset of {','.join(TASKS)} (default: all the checkpoint has)")
-    p.add_argument("--output", "-o", type=Path, help="bundle folder (default: engines/<model>-<precision>)")
+    p.add_argument("--output", "-o", type=Path,
+                   help="bundle folder (default: engines/<model>-<precision>); with no model: the parent folder of the bundles")
     p.add_argument("--max-batch", type=int, default=Limits.max_batch)
     p.add_argument("--max-text-len", type=int, default=Limits.max_text_len)
     p.add_argument("--max-new-tokens", type=int, default=Limits.max_new_tokens)
@@ -60,21 +69,31 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_description_str(f"blip-export: {msg}")
         bar.update()
 
-    try:
-        report = export_bundle(args.model, args.output, tasks, args.precision, limits, progress=progress)
-    except (CheckpointError, ExportError) as e:
-        bar.close()
-        print(f"blip-export: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        bar.close()
-        print("blip-export: interrupted; nothing was written", file=sys.stderr)
-        return 1
+    if args.model is None:
+        jobs = [(path, args.output / f"{name}-{args.precision}" if args.output else None)
+                for name, path in default_models().items()]
+        if not jobs:
+            print("blip-export: no shipped models in this installation; give a checkpoint folder", file=sys.stderr)
+            return 1
+    else:
+        jobs = [(resolve_model(args.model), args.output)]
+    for folder, output in jobs:
+        try:
+            report = export_bundle(folder, output, tasks, args.precision, limits, progress=progress)
+        except (CheckpointError, ExportError) as e:
+            bar.close()
+            print(f"blip-export: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            bar.close()
+            print("blip-export: interrupted; nothing was written", file=sys.stderr)
+            return 1
+        bar.clear()
+        if not args.quiet:
+            for graph, err in report.errors.items():
+                print(f"  {graph:<14} max abs error {err['max_abs']:.2e}  relative {err['rel']:.2e}  (ONNX Runtime vs reference)")
+        print(f"{report.bundle}  tasks: {','.join(report.tasks)}  ({report.seconds:.1f} s)")
     bar.close()
-    if not args.quiet:
-        for graph, err in report.errors.items():
-            print(f"  {graph:<14} max abs error {err['max_abs']:.2e}  relative {err['rel']:.2e}  (ONNX Runtime vs reference)")
-    print(f"{report.bundle}  tasks: {','.join(report.tasks)}  ({report.seconds:.1f} s)")
     return 0
 
 
