@@ -1,0 +1,310 @@
+"""INT8 graphs, in two forms:
+
+- `int8` (to_int8): explicit symmetric Q/DQ, what TensorRT 10/11 strongly typed networks need
+  (TensorRT has no INT8 builder flag or calibrator any more; it fuses DequantizeLinear -> MatMul
+  into int8 GEMMs). int8 zero points of 0, per-channel weight scales, activation scales calibrated
+  on real feeds (calibration.py). Runs on ONNX Runtime too (CPU, CUDA, TensorRT EP).
+- `int8-cpu` (to_int8_cpu): ONNX Runtime's dynamic quantization (DynamicQuantizeMatMul /
+  MatMulInteger with u8 activations quantized per call), the fastest int8 form on x86 CPUs; no
+  calibration. TensorRT cannot build it (no MatMulInteger, asymmetric uint8 activations).
+
+Layers that lose too much stay in fp32, chosen by measurement (search_exclusions): quantize,
+measure the graph's error against fp32 on held-out feeds, and while it is above the bound, keep
+the most sensitive layer groups in fp32.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .precision import _set_meta, check_typed, graph_errors, ort_session, run_all
+
+# Only the GEMM-like ops carry Q/DQ: that is where int8 pays (TensorRT fuses DQ -> MatMul/Conv ->
+# bias Add into an int8 kernel) and what NVIDIA's Q/DQ placement guidance recommends; Q/DQ around
+# LayerNorm, Softmax, GELU or Add would cost accuracy and break TensorRT's fusions.
+INT8_OPS = ("MatMul", "Gemm", "Conv")
+INT8_BOUND = 0.05  # default bound of a graph's relative error vs fp32 (max|a-b| / max|b|, worst output)
+# ... and for graphs with logits, the least fraction of rows whose argmax (the greedy token) agrees
+# with fp32: the relative error alone says little where logit margins are small.
+INT8_MIN_TOP1 = 0.98
+HOLDOUT_FRACTION = 0.25  # of the feeds given, held out to measure errors when no held-out feeds are given
+
+
+def qdq_extra_options(method: str) -> dict:
+    """extra_options of quantize_static for TensorRT-compatible Q/DQ."""
+    options = {
+        "ActivationSymmetric": True,  # int8 zero point 0: TensorRT supports symmetric quantization only
+        "WeightSymmetric": True,
+        # Q/DQ on the GEMM inputs only: a Q/DQ on the MatMul output would round the pre-bias
+        # accumulator again and keep TensorRT from fusing the bias and the activation.
+        "OpTypesToExcludeOutputQuantization": list(INT8_OPS),
+        # Bias stays float: TensorRT has no int32 DequantizeLinear, and fuses a float bias anyway.
+        "QuantizeBias": False,
+        # Not "CalibMaxIntermediateOutputs": in onnxruntime 1.32 MinMaxCalibrater drops each full
+        # chunk without merging its ranges, so only the last chunk of feeds would count. MinMax
+        # needs no such bound anyway: its augmented graph reduces every tensor to min/max scalars.
+    }
+    if method == "percentile":
+        options["CalibPercentile"] = 99.999
+    return options
+
+
+def layer_group(node_name: str) -> str:
+    """Node name -> its layer group: the same role in every layer ("/vision_model/layers.*/mlp/fc1/MatMul").
+    torch.onnx names nodes by module path, so the layer index is the only part that varies."""
+    return re.sub(r"(layers?)\.\d+(?=/)", r"\1.*", node_name)
+
+
+def quantizable_nodes(path: Path, ops: tuple[str, ...] = INT8_OPS, const_weight_only: bool = False) -> list[str]:
+    """Names of the nodes that the quantizer would touch (with const_weight_only: those whose second
+    input is an initializer, which is all that dynamic quantization handles)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {t.name for t in model.graph.initializer}
+    return [
+        n.name for n in model.graph.node
+        if n.op_type in ops and (not const_weight_only or (len(n.input) > 1 and n.input[1] in inits))
+    ]
+
+
+def badness(err: dict, bound: float, min_top1: float = INT8_MIN_TOP1) -> float:
+    """How far a graph_errors result is from acceptable: <= 1 is within the bounds (relative error
+    <= bound and, where the graph has logits, top-1 agreement >= min_top1)."""
+    score = err["rel"] / bound
+    if "top1" in err:
+        score = max(score, (1.0 - err["top1"]) / max(1.0 - min_top1, 1e-9))
+    return score
+
+
+def search_exclusions(
+    quantize: Callable[[list[str], Path], None],
+    evaluate: Callable[[Path], dict],
+    groups: dict[str, list[str]],
+    bound: float,
+    workdir: Path,
+    say=lambda msg: None,
+    min_top1: float = INT8_MIN_TOP1,
+) -> dict:
+    """Find which layer groups to keep in fp32 so the graph's error is within the bounds (badness).
+
+    `quantize(nodes_to_exclude, out_path)` writes a quantized graph; `evaluate(path)` returns its
+    graph_errors against fp32 on held-out feeds. First all groups are quantized; if that is out of
+    bounds, each group's sensitivity is measured (the error with only that group quantized), and
+    groups are excluded from the most sensitive down until the error is within bounds (or
+    everything is excluded); then each excluded group but the last is tried quantized again and
+    stays quantized if the graph remains within bounds. Returns {"excluded_groups", "excluded_nodes", "error",
+    "error_all_quantized", "sensitivity": {group: graph_errors without "outputs"}, "path"}.
+    """
+    everything = [n for nodes in groups.values() for n in nodes]
+    path = workdir / "q0.onnx"
+    quantize([], path)
+    first = evaluate(path)
+    result = {"excluded_groups": [], "excluded_nodes": [], "error": first, "error_all_quantized": first,
+              "sensitivity": {}, "path": path}
+    say(f"all {len(everything)} nodes quantized: {_fmt(first)}")
+    if badness(first, bound, min_top1) <= 1:
+        return result
+    sensitivity = {}
+    for i, (group, nodes) in enumerate(groups.items()):
+        p = workdir / f"s{i}.onnx"
+        quantize([n for n in everything if n not in nodes], p)
+        sensitivity[group] = _short(evaluate(p))
+        p.unlink()
+    order = sorted(sensitivity, key=lambda g: -badness(sensitivity[g], bound, min_top1))
+    result["sensitivity"] = {g: sensitivity[g] for g in order}
+    excluded: list[str] = []
+    for step, group in enumerate(order, 1):
+        excluded.append(group)
+        nodes = [n for g in excluded for n in groups[g]]
+        path = workdir / f"x{step}.onnx"
+        quantize(nodes, path)
+        err = evaluate(path)
+        say(f"excluding {group} (alone: {_fmt(sensitivity[group])}): {_fmt(err)}")
+        result.update(excluded_groups=list(excluded), excluded_nodes=nodes, error=err, path=path)
+        if badness(err, bound, min_top1) <= 1:
+            break
+    # Errors do not add up exactly: a group excluded early may be harmless once later ones are out.
+    # Quantize each again (least sensitive first) where the graph stays within bounds.
+    for group in reversed(list(result["excluded_groups"][:-1])):
+        trial = [g for g in excluded if g != group]
+        nodes = [n for g in trial for n in groups[g]]
+        path = workdir / f"r{len(trial)}-{len(excluded)}.onnx"
+        quantize(nodes, path)
+        err = evaluate(path)
+        if badness(err, bound, min_top1) <= 1:
+            say(f"quantizing {group} again: {_fmt(err)}")
+            excluded = trial
+            result.update(excluded_groups=list(excluded), excluded_nodes=nodes, error=err, path=path)
+    return result
+
+
+def _fmt(err: dict) -> str:
+    return f"rel {err['rel']:.3e}" + (f", top-1 {err['top1']:.3f}" if "top1" in err else "")
+
+
+class _Reader:
+    """The calibration feeds as onnxruntime's CalibrationDataReader (get_next until None)."""
+
+    def __init__(self, feeds: list[dict], inputs: set[str]):
+        self.feeds, self.inputs, self.i = feeds, inputs, 0
+
+    def get_next(self):
+        if self.i >= len(self.feeds):
+            return None
+        self.i += 1
+        return {k: v for k, v in self.feeds[self.i - 1].items() if k in self.inputs}
+
+    def __len__(self):
+        return len(self.feeds)
+
+
+def _split(feeds: list[dict], holdout: Iterable[dict] | None) -> tuple[list[dict], list[dict]]:
+    if holdout is not None:
+        return feeds, list(holdout)
+    if len(feeds) < 2:
+        raise ValueError("need at least 2 feeds to hold some out for measuring, or pass holdout=")
+    n = max(1, int(round(len(feeds) * HOLDOUT_FRACTION)))
+    return feeds[:-n], feeds[-n:]
+
+
+def _inputs(path: Path) -> set[str]:
+    import onnx
+
+    return {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
+
+
+def to_int8(
+    src: Path,
+    dst: Path,
+    graph: str,
+    calibration: Iterable[dict[str, np.ndarray]],
+    holdout: Iterable[dict[str, np.ndarray]] | None = None,
+    bound: float = INT8_BOUND,
+    method: str = "minmax",
+    granularity: str = "layer",
+    progress=None,
+) -> dict:
+    """Write the `int8` form of the fp32 graph `src` to `dst`: QuantizeLinear/DequantizeLinear with
+    int8 zero points of 0 on the inputs of every MatMul/Gemm/Conv (weights per output channel,
+    activations per tensor, calibrated on `calibration` feeds: dicts of the graph's inputs), except
+    the layer groups that search_exclusions keeps in fp32 to hold the error on `holdout` feeds
+    (default: the last quarter of `calibration`) under `bound`. This is the form TensorRT builds.
+
+    method: "minmax" (the calibration range), "percentile" (99.999th percentile of |x|) or
+    "entropy". granularity: "layer" (a role across all layers is one group) or "node".
+    Returns the manifest's description: {"precision", "format", "calibration", "bound",
+    "excluded_nodes", "excluded_groups", "sensitivity", "error", "error_all_quantized"}.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    say = progress or (lambda msg: None)
+    calib, held = _split(list(calibration), holdout)
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    with tempfile.TemporaryDirectory(prefix=f"int8-{graph}-") as tmp:
+        work = Path(tmp)
+        pre = work / "pre.onnx"
+        # ONNX shape inference so every tensor to quantize has a type. Not ORT's symbolic shape
+        # inference (it asserts on the cross_kv Reshapes) and no ORT optimization: TensorRT gets
+        # the graph as exported.
+        quant_pre_process(str(src), str(pre), skip_optimization=True, skip_symbolic_shape=True)
+        cache = work / "calibration.json"  # calibrate once, quantize many times during the search
+        inputs = _inputs(src)
+
+        def quantize(exclude: list[str], out: Path) -> None:
+            quantize_static(
+                str(pre), str(out), _Reader(calib, inputs),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(INT8_OPS),
+                per_channel=True,
+                reduce_range=False,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=exclude,
+                calibrate_method=methods[method],
+                extra_options=qdq_extra_options(method),
+                calibration_cache_path=str(cache),
+            )
+
+        result = _search(src, pre, quantize, held, bound, granularity, work, say, const_weight_only=False)
+        _finish(result["path"], dst, "int8")
+    return {"precision": "int8", "format": "qdq-symmetric-int8", "graph": graph,
+            "calibration": {"method": method, "feeds": len(calib), "held_out_feeds": len(held)},
+            **_describe(result, bound)}
+
+
+def to_int8_cpu(
+    src: Path,
+    dst: Path,
+    graph: str,
+    feeds: Iterable[dict[str, np.ndarray]],
+    bound: float = INT8_BOUND,
+    granularity: str = "layer",
+    progress=None,
+) -> dict:
+    """Write the `int8-cpu` form of `src` to `dst`: ONNX Runtime dynamic quantization (int8 weights
+    per output channel, uint8 activations quantized at run time per tensor: DynamicQuantizeMatMul /
+    MatMulInteger), the fastest int8 form on x86 CPUs. Only MatMul/Gemm with constant weights are
+    quantized (a patch-embedding ConvInteger is slower than the fp32 Conv). No calibration: `feeds`
+    only measure the error and drive the same exclusion search as to_int8. Not for TensorRT.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    say = progress or (lambda msg: None)
+    held = list(feeds)
+
+    def quantize(exclude: list[str], out: Path) -> None:
+        quantize_dynamic(
+            str(src), str(out), op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+            weight_type=QuantType.QInt8, nodes_to_exclude=exclude, extra_options={"MatMulConstBOnly": True},
+        )
+
+    with tempfile.TemporaryDirectory(prefix=f"int8cpu-{graph}-") as tmp:
+        result = _search(src, src, quantize, held, bound, granularity, Path(tmp), say, const_weight_only=True)
+        _finish(result["path"], dst, "int8-cpu")
+    return {"precision": "int8-cpu", "format": "ort-dynamic-u8s8", "graph": graph,
+            "measured_on_feeds": len(held), **_describe(result, bound)}
+
+
+def _search(src, pre, quantize, held, bound, granularity, work, say, const_weight_only) -> dict:
+    reference = run_all(ort_session(Path(src)), held)
+
+    def evaluate(path: Path) -> dict:
+        return graph_errors(run_all(ort_session(path), held), reference)
+
+    nodes = quantizable_nodes(pre, INT8_OPS if not const_weight_only else ("MatMul", "Gemm"), const_weight_only)
+    groups: dict[str, list[str]] = {}
+    for n in nodes:
+        groups.setdefault(layer_group(n) if granularity == "layer" else n, []).append(n)
+    return search_exclusions(quantize, evaluate, groups, bound, work, say)
+
+
+def _finish(path: Path, dst: Path, precision: str) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    _set_meta(model, {"precision": precision})
+    onnx.save(model, str(dst))
+    check_typed(dst)
+
+
+def _describe(result: dict, bound: float) -> dict:
+    return {
+        "bound": bound,
+        "excluded_groups": result["excluded_groups"],
+        "excluded_nodes": result["excluded_nodes"],
+        "sensitivity": result["sensitivity"],
+        "error": _short(result["error"]),
+        "error_all_quantized": _short(result["error_all_quantized"]),
+    }
+
+
+def _short(err: dict) -> dict:
+    return {k: v for k, v in err.items() if k != "outputs"}
