@@ -1,0 +1,169 @@
+"""Compile an ONNX bundle into TensorRT engines: a bundle with target "trt".
+
+Precision lives in the ONNX graphs (fp32, fp16 with fp32 islands, int8 as Q/DQ), so the build only
+compiles: each graph becomes a STRONGLY TYPED network (TensorRT keeps every tensor's type as the
+graph has it), with one optimization profile per graph from the I/O table (`profile_shapes`) and a
+timing cache reused across graphs and builds. No FP16/INT8 builder flag and no calibrator are used:
+TensorRT 11 removed them and always builds strongly typed networks; on TensorRT 10 the
+NetworkDefinitionCreationFlag.STRONGLY_TYPED flag asks for the same (TensorRT 11 still accepts the
+flag and ignores it; where a TensorRT no longer has it, networks are strongly typed anyway).
+
+Builds use polygraphy's loaders (NetworkFromOnnxPath -> CreateConfig -> EngineBytesFromNetwork).
+tensorrt and polygraphy are imported only when building, so this module imports without them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from blip_runtime.graphs import Limits, profile_shapes
+from blip_runtime.manifest import BundleError, load_manifest
+from blip_runtime.trt_session import trt_unavailable_reason
+
+
+class TrtBuildError(RuntimeError):
+    """An engine build that cannot go on; the message is one line for the CLI."""
+
+
+def check_trt_available() -> str | None:
+    """One line saying why TensorRT engines cannot be built here (no tensorrt, no polygraphy, no CUDA
+    GPU), or None. `blip-export --target trt` checks this first and stops with it, writing nothing."""
+    return trt_unavailable_reason()
+
+
+def engine_loader(onnx_path: Path, shapes: dict, timing_cache: Path | None, *, strongly_typed: bool,
+                  tf32: bool = False):
+    """The polygraphy loader that compiles `onnx_path` to serialized engine bytes when called.
+
+    shapes: {input: (min, opt, max)} (one optimization profile). The timing cache file is read
+    before and merged back after the build (polygraphy locks it, so parallel builds may share it).
+    tf32 stays off by default: an fp32 graph then computes in fp32, as ONNX Runtime does."""
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+
+    profile = Profile()
+    for name, (lo, opt, hi) in shapes.items():
+        profile.add(name, min=lo, opt=opt, max=hi)
+    cache = str(timing_cache) if timing_cache else None
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=strongly_typed)
+    config = CreateConfig(profiles=[profile], load_timing_cache=cache, tf32=tf32)
+    return EngineBytesFromNetwork(network, config=config, save_timing_cache=cache)
+
+
+def _compile(onnx_path: Path, shapes: dict, timing_cache: Path | None, tf32: bool) -> bytes:
+    import tensorrt as trt
+    from polygraphy.logger import G_LOGGER
+
+    # Feature detection, not a version test: the flag exists in TensorRT 10 (needed) and 11 (ignored).
+    strongly_typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+    with G_LOGGER.verbosity(G_LOGGER.WARNING):
+        return bytes(engine_loader(onnx_path, shapes, timing_cache, strongly_typed=strongly_typed, tf32=tf32)())
+
+
+def _build_info(timing_cache: Path | None, tf32: bool) -> dict:
+    """What the engines are tied to (checked by the runtime before loading) and how they were built."""
+    import polygraphy
+    import tensorrt as trt
+
+    from blip_runtime.device import device_info
+
+    gpu, cc = device_info()
+    return {"version": trt.__version__, "gpu": gpu, "compute_capability": list(cc),
+            "polygraphy": polygraphy.__version__, "strongly_typed": True, "tf32": tf32,
+            "timing_cache": str(Path(timing_cache).resolve()) if timing_cache else None}
+
+
+def default_timing_cache(folder: Path) -> Path:
+    """A timing cache file in `folder` named for this TensorRT version and GPU: timings are only
+    valid for the GPU and TensorRT that measured them."""
+    import tensorrt as trt
+
+    from blip_runtime.device import device_info
+
+    _, (major, minor) = device_info()
+    return Path(folder) / f".trt-{trt.__version__}-sm{major}{minor}.timing-cache"
+
+
+def build_engines(bundle_dir: Path, dst: Path, limits: Limits, timing_cache: Path | None = None, *,
+                  tf32: bool = False, progress=None) -> dict:
+    """Build `<graph>.engine` for every graph of the ONNX bundle `bundle_dir` and write a bundle with
+    target "trt" at `dst` (tokenizer and settings copied, manifest with the TensorRT version, GPU and
+    compute capability, each graph's profile). Written to a temporary folder and renamed into place,
+    so a failed build leaves nothing. Returns the new manifest. Raises TrtBuildError."""
+    from . import trt_onnx_support
+    import onnx
+
+    say = progress or (lambda msg: None)
+    reason = check_trt_available()
+    if reason:
+        raise TrtBuildError(f"--target trt: {reason}; use --target onnx")
+    try:
+        source = load_manifest(bundle_dir)
+    except BundleError as e:
+        raise TrtBuildError(str(e)) from None
+    if source.data.get("target", "onnx") != "onnx":
+        raise TrtBuildError(f"{bundle_dir}: target {source.data.get('target')!r}; engines are built from an ONNX bundle")
+    for name in source.graphs:
+        path = source.graph_path(name)
+        found = trt_onnx_support.problems(onnx.load(str(path), load_external_data=False))
+        if found:
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            raise TrtBuildError(f"{path}: TensorRT's ONNX parser would refuse it: {found[0]}{more}")
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        shutil.copy(source.folder / source.data["tokenizer"]["file"], tmp / source.data["tokenizer"]["file"])
+        info = _build_info(timing_cache, tf32)
+        entries = {}
+        for name, spec in source.graphs.items():
+            shapes = profile_shapes(spec, source.dims, limits)
+            say(f"building the {name} engine")
+            start = time.time()
+            engine = tmp / f"{name}.engine"
+            engine.write_bytes(_compile(source.graph_path(name), shapes, timing_cache, tf32))
+            entries[name] = {
+                "file": engine.name, "sha256": _sha256(engine), "io": spec.to_dict(),
+                "profile": {k: [list(s) for s in v] for k, v in shapes.items()},
+                "onnx_sha256": source.data["graphs"][name].get("sha256"),
+                "build_seconds": round(time.time() - start, 2),
+            }
+        manifest = {
+            **source.data, "target": "trt", "limits": asdict(limits), "graphs": entries,
+            "build": {**source.data.get("build", {}), "tensorrt": {
+                **info, "source_bundle": str(Path(bundle_dir).resolve()),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}},
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+# sha256 and _replace repeat bundle.py's few lines on purpose: bundle.py imports torch, and engines
+# are built on the target machine (a Jetson, say), where only the ONNX bundle and TensorRT are.
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _replace(tmp: Path, dest: Path) -> None:
+    """Move the finished bundle into place; an older bundle at `dest` is removed only after."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
