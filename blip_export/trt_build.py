@@ -52,7 +52,8 @@ def engine_loader(onnx_path: Path, shapes: dict, timing_cache: Path | None, *, s
         profile.add(name, min=lo, opt=opt, max=hi)
     cache = str(timing_cache) if timing_cache else None
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=strongly_typed)
-    config = CreateConfig(profiles=[profile], load_timing_cache=cache, tf32=tf32)
+    existing = cache if cache and Path(cache).is_file() else None  # a first build starts an empty cache
+    config = CreateConfig(profiles=[profile], load_timing_cache=existing, tf32=tf32)
     return EngineBytesFromNetwork(network, config=config, save_timing_cache=cache)
 
 
@@ -127,7 +128,11 @@ def build_engines(bundle_dir: Path, dst: Path, limits: Limits, timing_cache: Pat
             say(f"building the {name} engine")
             start = time.time()
             engine = tmp / f"{name}.engine"
-            engine.write_bytes(_compile(source.graph_path(name), shapes, timing_cache, tf32))
+            try:
+                engine.write_bytes(_compile(source.graph_path(name), shapes, timing_cache, tf32))
+            except Exception as e:  # polygraphy reports parser and builder failures as its own exception
+                detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                raise TrtBuildError(f"{name}: TensorRT could not build the engine: {detail}") from e
             entries[name] = {
                 "file": engine.name, "sha256": _sha256(engine), "io": spec.to_dict(),
                 "profile": {k: [list(s) for s in v] for k, v in shapes.items()},

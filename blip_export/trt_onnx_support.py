@@ -240,11 +240,6 @@ def problems(model: onnx.ModelProto) -> list[str]:
             for name in node.input:
                 consumers.setdefault(name, []).append(node)
         io = {v.name for v in (*graph.input, *graph.output)}
-        for t in graph.initializer:  # quantized weights: DQ inputs; zero points: also a Q's third input
-            if named(t.data_type) in QUANTIZED and any(
-                    c.op_type != "DequantizeLinear" and not (c.op_type == "QuantizeLinear" and list(c.input[2:3]) == [t.name])
-                    for c in consumers.get(t.name, [])):
-                out.append(f"initializer {t.name}: {named(t.data_type)} weights must feed DequantizeLinear only")
         for node in graph.node:
             where = f"{node.op_type} node {node.name or node.output[0]!r}"
             if node.domain not in DOMAINS:
@@ -290,6 +285,11 @@ def problems(model: onnx.ModelProto) -> list[str]:
                     out.append(f"{where}: the zero point must be a zero initializer for TensorRT")
             for sub in _subgraphs(node):
                 visit(sub)
+        for t in graph.initializer:  # quantized weights: DQ inputs; zero points: also a Q's third input
+            if named(t.data_type) in QUANTIZED and any(
+                    c.op_type != "DequantizeLinear" and not (c.op_type == "QuantizeLinear" and list(c.input[2:3]) == [t.name])
+                    for c in consumers.get(t.name, [])):
+                out.append(f"initializer {t.name}: {named(t.data_type)} weights must feed DequantizeLinear only")
 
     visit(model.graph)
     return out

@@ -63,11 +63,10 @@ def device_info() -> tuple[str, tuple[int, int]]:
 
 
 def _bucket(nbytes: int) -> int:
-    """Allocation size for `nbytes`: rounded up to 1/8 to 1/16 of its power of two, so that a KV cache
-    growing by one token per step reuses the same pooled buffer for several steps (< 12.5% waste)."""
-    n = max(nbytes, _ALIGN)
-    step = 1 << max(8, n.bit_length() - 4)
-    return -(-n // step) * step
+    """Allocation size for `nbytes`: the next power of two (at least 256 bytes). A KV cache growing by
+    one token per step then lives in two alternating buffers per tensor (past and present) and needs
+    a new one only when it doubles, at the price of at most 2x its memory."""
+    return 1 << (max(nbytes, _ALIGN) - 1).bit_length()
 
 
 class BufferPool:

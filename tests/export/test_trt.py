@@ -113,6 +113,27 @@ def test_checker_accepts_qdq_int8_and_fp16():
     assert problems(model) == []
 
 
+@pytest.mark.parametrize("graph", ["vision", "decoder_step"])
+def test_converted_precisions(bundles, tmp_path, graph):
+    """The fp16 (fp32 islands) and int8 (Q/DQ) forms of a graph are strongly typed graphs TensorRT
+    parses; the int8-cpu form (ONNX Runtime's dynamic quantization) is not, and is refused."""
+    from blip_export.precision import to_fp16
+    from blip_export.quantize import to_int8, to_int8_cpu
+
+    manifest = load_manifest(bundles["BlipForConditionalGeneration"])
+    src, spec, d = manifest.graph_path(graph), manifest.graphs[graph], manifest.dims
+    feeds = [random_feeds(spec, d, {BATCH: 2, TEXT: 3, PAST: 4, ENC: d.num_image_tokens}, seed=i) for i in range(4)]
+    to_fp16(src, tmp_path / "fp16.onnx", graph)
+    to_int8(src, tmp_path / "int8.onnx", graph, feeds, bound=10.0)
+    to_int8_cpu(src, tmp_path / "int8-cpu.onnx", graph, feeds, bound=10.0)
+    fp16, int8 = onnx.load(str(tmp_path / "fp16.onnx")), onnx.load(str(tmp_path / "int8.onnx"))
+    assert any(t.data_type == TensorProto.FLOAT16 for t in fp16.graph.initializer)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in int8.graph.node}
+    assert problems(fp16) == [] and problems(int8) == []
+    refused = problems(onnx.load(str(tmp_path / "int8-cpu.onnx")))
+    assert refused and "operator not supported" in refused[0], refused[:3]
+
+
 # -- (b) optimization profiles -------------------------------------------------------------------
 def _fixed(name: str, d) -> dict[int, int]:
     """The model dimension each fixed axis must have, restated independently of graphs.py."""
@@ -167,6 +188,7 @@ def test_engine_loader_uses_the_table_profile(bundles, tmp_path):
     manifest = load_manifest(bundles["BlipForConditionalGeneration"])
     spec = manifest.graphs["decoder_step"]
     shapes = profile_shapes(spec, manifest.dims, LIMITS[1])
+    (tmp_path / "cache").write_bytes(b"")  # an existing cache is read before and merged after the build
     loader = engine_loader(manifest.graph_path("decoder_step"), shapes, tmp_path / "cache", strongly_typed=True)
     (profile,) = loader._config.profiles
     assert {name: (tuple(s.min), tuple(s.opt), tuple(s.max)) for name, s in profile.items()} == shapes
