@@ -83,6 +83,24 @@ def check_engine_compatible(manifest_data: dict, trt_version: str, gpu_name: str
         )
 
 
+def _tensorrt():
+    import tensorrt  # optional heavy import, only when a session is made
+
+    return tensorrt
+
+
+_LOGGERS: list = []  # (tensorrt module, its logger)
+
+
+def _logger(trt):
+    """One TensorRT logger per process (TensorRT keeps the first one it is given anyway)."""
+    for module, logger in _LOGGERS:
+        if module is trt:
+            return logger
+    _LOGGERS.append((trt, trt.Logger(trt.Logger.WARNING)))
+    return _LOGGERS[-1][1]
+
+
 def _numpy_dtype(trt_dtype) -> np.dtype:
     from polygraphy.datatype import DataType  # knows every TensorRT type of 10 and 11
 
@@ -117,13 +135,12 @@ class TrtSession:
         if reason:
             raise BundleError(f"{manifest.folder}: this bundle holds TensorRT engines, but {reason}; "
                               "export the checkpoint with `blip-export MODEL --target onnx` to run it on ONNX Runtime")
-        import tensorrt as trt
-
+        trt = _tensorrt()
         name, cc = device_info()
         check_engine_compatible(manifest.data, trt.__version__, name, cc, folder=manifest.folder)
         self.manifest = manifest
         self._pool = BufferPool()
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # must outlive its engines
+        self._runtime = trt.Runtime(_logger(trt))  # must outlive its engines
         self._engines: dict[str, _Engine] = {}
         for graph, spec in manifest.graphs.items():
             path = manifest.graph_path(graph)
@@ -150,7 +167,9 @@ class TrtSession:
             raise RuntimeError("TrtSession.run after close()")
         spec.check_feeds({k: _stand_in(v) for k, v in feeds.items()})
         e = self._engines[graph]
-        uploaded = []  # host feeds copied in for this run; back to the pool when dropped
+        # Host feeds copied in for this run, held until it is enqueued: dropped earlier, a buffer would
+        # go back to the pool and could come out again as one of this run's outputs.
+        uploaded = []
         for t in spec.inputs:
             value = feeds[t.name]
             if isinstance(value, DeviceTensor):

@@ -161,15 +161,13 @@ def build_info(timing_cache=None, tf32=False) -> dict:
 
 def install(monkeypatch) -> FakeCuda:
     """Route blip_runtime's CUDA and TensorRT use, and trt_build's compile step, to the fakes."""
-    import sys
-
     import blip_export.trt_build as trt_build
     import blip_runtime.device as device
     import blip_runtime.trt_session as trt_session
 
     cuda = FakeCuda()
     monkeypatch.setattr(device, "_cuda", lambda: cuda)
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
+    monkeypatch.setattr(trt_session, "_tensorrt", fake_tensorrt)  # never in sys.modules: torch probes it
     monkeypatch.setattr(trt_session, "trt_unavailable_reason", lambda: None)
     monkeypatch.setattr(trt_session, "device_info", lambda: (GPU, CC))
     monkeypatch.setattr(trt_session, "_numpy_dtype", np.dtype)
