@@ -230,6 +230,13 @@ def problems(model: onnx.ModelProto) -> list[str]:
     for opset in model.opset_import:
         if opset.domain in DOMAINS and opset.version not in OPSETS:
             out.append(f"opset {opset.version}: TensorRT 10 reads opsets {OPSETS.start} to {OPSETS.stop - 1}")
+    used = {name for node in model.graph.node for name in node.input}
+    for v in model.graph.input:  # TensorRT drops an unused input: the engine's I/O would not match the table
+        if v.name not in used and v.name not in {t.name for t in model.graph.initializer}:
+            out.append(f"graph input {v.name!r} is not used; TensorRT would drop it from the engine")
+    for v in model.graph.output:
+        if v.name in {i.name for i in model.graph.input}:
+            out.append(f"graph output {v.name!r} is a graph input; TensorRT needs it computed")
     types = _element_types(model)
     named = lambda t: TYPE_NAMES.get(t, onnx.TensorProto.DataType.Name(t))  # noqa: E731
 

@@ -85,6 +85,8 @@ def test_checker_finds_what_tensorrt_refuses():
             [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
              helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])], [x], [y],
             [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]), helper.make_tensor("z", TensorProto.INT8, [], [3])]),
+        "is not used; TensorRT would drop it": _model([helper.make_node("Relu", ["x"], ["y"])],
+                                                      [x, _vi("unused", TensorProto.FLOAT, [1])], [y]),
         "takes BF16, FP16, FP32": _model([helper.make_node("Softmax", ["i"], ["o"])],
                                          [_vi("i", TensorProto.INT32, [2])], [_vi("o", TensorProto.INT32, [2])]),
     }
