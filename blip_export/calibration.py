@@ -40,11 +40,10 @@ class RecordingSession:
         return self.inner.run(graph, feeds)
 
 
-def _texts_for(n: int, texts: Sequence[str] | None, task: str) -> list[str]:
-    if texts:
-        return [texts[i % len(texts)] for i in range(n)]
-    pool = DEFAULT_QUESTIONS if task == "vqa" else DEFAULT_TEXTS
-    return [pool[i % len(pool)] for i in range(n)]
+def _texts_for(start: int, n: int, texts: Sequence[str] | None, task: str) -> list[str]:
+    """The texts of images start..start+n: the given ones (cycled if fewer), else the defaults."""
+    pool = list(texts) if texts else DEFAULT_QUESTIONS if task == "vqa" else DEFAULT_TEXTS
+    return [pool[i % len(pool)] for i in range(start, start + n)]
 
 
 def exercise(runtime: BlipRuntime, images: list, texts: Sequence[str] | None = None, batch_size: int = 2,
@@ -59,19 +58,18 @@ def exercise(runtime: BlipRuntime, images: list, texts: Sequence[str] | None = N
     out: dict = {}
     for start in range(0, len(images), batch_size):
         imgs = images[start : start + batch_size]
-        batch_texts = list(texts[start : start + batch_size]) if texts else None
         if "caption" in tasks:
             out.setdefault("caption", []).extend(runtime.caption_tokens(imgs, None, **generation))
-            prompts = [" ".join(t.split()[:3]) for t in _texts_for(len(imgs), batch_texts, "caption")]
+            prompts = [" ".join(t.split()[:3]) for t in _texts_for(start, len(imgs), texts, "caption")]
             out.setdefault("caption_prompted", []).extend(runtime.caption_tokens(imgs, prompts, **generation))
         if "vqa" in tasks:
-            questions = _texts_for(len(imgs), batch_texts, "vqa")
+            questions = _texts_for(start, len(imgs), texts, "vqa")
             out.setdefault("vqa", []).extend(runtime.answer_tokens(imgs, questions, **generation))
         if "itm" in tasks:
-            out.setdefault("itm", []).extend(runtime.match(imgs, _texts_for(len(imgs), batch_texts, "itm")))
+            out.setdefault("itm", []).extend(runtime.match(imgs, _texts_for(start, len(imgs), texts, "itm")))
         if "itc" in tasks:
             out.setdefault("itc_image", []).append(runtime.image_features(imgs))
-            out.setdefault("itc_text", []).append(runtime.text_features(_texts_for(len(imgs), batch_texts, "itc")))
+            out.setdefault("itc_text", []).append(runtime.text_features(_texts_for(start, len(imgs), texts, "itc")))
     if "itm" in out:
         out["itm"] = np.asarray(out["itm"], np.float32)
     if "itc_image" in out:

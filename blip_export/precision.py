@@ -4,7 +4,8 @@ every converted graph must pass.
 TensorRT 10/11 builds strongly typed networks (no FP16/INT8 builder flags, no calibrator), so the
 precision of every tensor is decided here and TensorRT only compiles it. ONNX Runtime on the CPU runs
 the same files, which is how the tests check them. INT8 lives in quantize.py, calibration data and
-the end-to-end accuracy check in calibration.py, the bundle conversion in convert.py.
+the end-to-end comparison in calibration.py; convert_bundle (here) turns an fp32 bundle folder into
+an fp16 / int8 / int8-cpu one with its measured accuracy in the manifest.
 
 Graph inputs and outputs keep the dtypes of the I/O table (blip_runtime.graphs: float32 tensors,
 int64 ids and masks) in every precision, so the runtime feeds every bundle the same arrays. The
@@ -15,9 +16,22 @@ until a benchmark says so.
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
+import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
+
+from blip_runtime import BlipRuntime
+from blip_runtime.manifest import load_manifest
+
+from .bundle import ExportError, _replace, sha256
+from .calibration import calibration_feeds, compare_runtimes
+from .measure import check_typed, graph_errors, ort_session, run_all, set_metadata
+from .quantize import HOLDOUT_FRACTION, INT8_BOUND, to_int8, to_int8_cpu
 
 # fp32 islands of the fp16 graphs, by op type. Why each:
 # - LayerNormalization: the variance is a mean of squares; fp16 overflows once |x| passes ~256 and
@@ -111,7 +125,7 @@ def to_fp16(src: Path, dst: Path, graph: str) -> dict:
     )
     folded = _fold_round_trips(fp16.graph)
     OnnxModel.graph_topological_sort(fp16.graph, is_deterministic=True)  # the converter appends its Casts
-    _set_meta(fp16, {"precision": "fp16"})
+    set_metadata(fp16, {"precision": "fp16"})
     onnx.save(fp16, str(dst))
     check_typed(dst)
     kinds = {}
@@ -149,81 +163,123 @@ def _fold_round_trips(graph) -> int:
     return folded
 
 
-def _set_meta(model, meta: dict) -> None:
-    props = {p.key: p for p in model.metadata_props}
-    for key, value in meta.items():
-        entry = props.get(key) or model.metadata_props.add()
-        entry.key, entry.value = key, str(value)
+# -- bundles -------------------------------------------------------------------------------------
+
+PRECISIONS = ("fp16", "int8", "int8-cpu")
 
 
-def check_typed(path: Path) -> None:
-    """Raise AssertionError unless the ONNX checker passes (with strict shape inference) and every
-    tensor has a determined element type: a strongly typed TensorRT network needs one per tensor."""
-    import onnx
-
-    onnx.checker.check_model(str(path), full_check=True)
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=True)
-    g = model.graph
-    undefined = [v.name for v in (*g.value_info, *g.input, *g.output) if v.type.tensor_type.elem_type == 0]
-    assert not undefined, f"{path.name}: tensors of undefined type: {undefined[:10]}"
-    typed = {v.name for v in (*g.value_info, *g.input, *g.output)} | {t.name for t in g.initializer}
-    untyped = [o for n in g.node for o in n.output if o and o not in typed]
-    assert not untyped, f"{path.name}: node outputs without an inferred type: {untyped[:10]}"
-
-
-def tensor_types(path: Path) -> dict[str, int]:
-    """{tensor name: ONNX elem type} of every value in the graph after shape inference."""
-    import onnx
-
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
-    g = model.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.input, *g.output)}
-    types.update({t.name: t.data_type for t in g.initializer})
-    return types
+def synthetic_images(n: int, size: int = 64, seed: int = 0) -> list[np.ndarray]:
+    """Stand-in held-out images when none are given (fp16 needs no calibration): smooth gradients
+    with noise and a bright square, uint8 HxWx3, so the preprocessing and every graph see varied input."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        y, x = np.mgrid[0:size, 0:size] / size
+        base = np.stack([x, y, (x + y) / 2], -1) * rng.uniform(80, 255, 3) + rng.normal(0, 20, (size, size, 3))
+        a, b = rng.integers(0, size // 2, 2)
+        base[a : a + size // 3, b : b + size // 3] = rng.uniform(0, 255, 3)
+        out.append(np.clip(base, 0, 255).astype(np.uint8))
+    return out
 
 
-# -- measuring a converted graph against its fp32 source --------------------------------------------
-
-def ort_session(path: Path | bytes, threads: int | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # fp16 nodes without CPU kernels get Casts inserted: expected
-    if threads:
-        options.intra_op_num_threads = threads
-    model = str(path) if isinstance(path, Path) else path
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+def _split(images, texts, holdout_images, holdout_texts):
+    images = list(images or [])
+    if holdout_images is not None:
+        return images, texts, list(holdout_images), holdout_texts
+    if not images:
+        return [], None, [], None
+    n = max(1, int(round(len(images) * HOLDOUT_FRACTION)))
+    texts = list(texts) if texts else None
+    return images[:-n], texts[:-n] if texts else None, images[-n:], texts[-n:] if texts else None
 
 
-def run_all(session, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    names = [o.name for o in session.get_outputs()]
-    inputs = {i.name for i in session.get_inputs()}
-    return [dict(zip(names, session.run(names, {k: v for k, v in f.items() if k in inputs}))) for f in feeds]
+def convert_bundle(
+    fp32_bundle: str | Path,
+    dst: str | Path,
+    precision: str,
+    calib_images: list | None = None,
+    calib_texts: Sequence[str] | None = None,
+    holdout_images: list | None = None,
+    holdout_texts: Sequence[str] | None = None,
+    bound: float = INT8_BOUND,
+    method: str = "minmax",
+    progress=None,
+) -> dict:
+    """Write the `precision` form of the fp32 bundle at `fp32_bundle` to `dst`; returns its manifest.
+
+    calib_images (paths, PIL images or uint8 HxWx3 arrays) with optional calib_texts (one caption
+    or question per image): int8 is calibrated on them. Held-out images measure the accuracy: given,
+    or for int8 the last quarter of calib_images; fp16 and int8-cpu calibrate nothing and measure on
+    all the images given (synthetic ones when none are: synthetic_images).
+    bound: the largest relative error an int8 graph may have on held-out feeds before layer groups
+    are kept in fp32 (quantize.search_exclusions); method: int8 calibration (minmax, percentile, entropy).
+    """
+    say = progress or (lambda msg: None)
+    src, dst = Path(fp32_bundle), Path(dst)
+    if precision not in PRECISIONS:
+        raise ExportError(f"--precision {precision}: expected one of fp32, {', '.join(PRECISIONS)}")
+    manifest = load_manifest(src)
+    if manifest.data.get("precision", "fp32") != "fp32":
+        raise ExportError(f"{src}: a {manifest.data['precision']} bundle; convert from the fp32 bundle")
+    if precision != "int8" and holdout_images is None:  # nothing to calibrate: every image measures
+        holdout_images, holdout_texts = calib_images or synthetic_images(4, manifest.dims.image_size), calib_texts
+        calib_images, calib_texts = [], None
+    calib_images, calib_texts, holdout_images, holdout_texts = _split(
+        calib_images, calib_texts, holdout_images, holdout_texts)
+    if precision == "int8" and not calib_images:
+        raise ExportError("int8 needs calibration images (at least 2 when no held-out images are given: "
+                          "a quarter is held out to measure the accuracy)")
+    reference = BlipRuntime.load(src)
+    say(f"recording fp32 feeds on {len(holdout_images)} held-out image(s)")
+    held = calibration_feeds(reference, holdout_images, holdout_texts)
+    calib = {}
+    if precision == "int8":
+        say(f"recording fp32 feeds on {len(calib_images)} calibration image(s)")
+        calib = calibration_feeds(reference, calib_images, calib_texts)
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        data = json.loads((src / "manifest.json").read_text(encoding="utf-8"))
+        graphs, accuracy = {}, {}
+        for name, entry in data["graphs"].items():
+            source, target = src / entry["file"], tmp / entry["file"]
+            say(f"{precision}: {name}")
+            if name not in held:
+                raise ExportError(f"{name}: the held-out run never fed this graph")
+            if precision == "fp16":
+                info = to_fp16(source, target, name)
+            elif precision == "int8":
+                info = to_int8(source, target, name, calib[name], held[name], bound=bound, method=method, progress=say)
+            else:
+                info = to_int8_cpu(source, target, name, held[name], bound=bound, progress=say)
+            accuracy[name] = graph_errors(run_all(ort_session(target), held[name]), run_all(ort_session(source), held[name]))
+            say(f"{name}: max abs {accuracy[name]['max_abs']:.3e}, relative {accuracy[name]['rel']:.3e}")
+            graphs[name] = {**entry, "sha256": sha256(target), "precision": info}
+        for item in src.iterdir():  # tokenizer and anything else the bundle carries
+            if item.is_file() and item.suffix != ".onnx" and item.name != "manifest.json":
+                shutil.copy(item, tmp / item.name)
+        import onnxruntime
+
+        data.update(precision=precision, graphs=graphs)
+        data["build"] = {**data.get("build", {}), "onnxruntime": onnxruntime.__version__,
+                         "converted_from": {"bundle": str(src.resolve()), "manifest_sha256": sha256(src / "manifest.json")},
+                         "converted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        data["accuracy"] = {
+            "reference": "the fp32 bundle, on feeds recorded from held-out images",
+            "held_out": {"images": len(holdout_images), "feeds": {g: len(f) for g, f in held.items()}},
+            "graphs": accuracy,
+        }
+        _write(tmp, data)
+        say("end-to-end comparison on held-out images")
+        data["accuracy"]["end_to_end"] = compare_runtimes(reference, BlipRuntime.load(tmp), holdout_images, holdout_texts)
+        _write(tmp, data)
+        _replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return data
 
 
-def graph_errors(ours: list[dict], ref: list[dict]) -> dict:
-    """Errors of `ours` against `ref` over all feeds: {"max_abs", "rel"} where rel = max|a-b| / max|b|
-    per output, the worst output; "outputs": the same per output; for decoder logits also "top1": the
-    fraction of rows whose argmax agrees (what greedy decoding sees)."""
-    per: dict[str, list[float]] = {}
-    scale: dict[str, float] = {}
-    top1 = []
-    for o, r in zip(ours, ref):
-        for name, b in r.items():
-            if b.size == 0:
-                continue
-            err = float(np.abs(o[name].astype(np.float64) - b).max())
-            per.setdefault(name, []).append(err)
-            scale[name] = max(scale.get(name, 0.0), float(np.abs(b).max()))
-        if "logits" in r:
-            top1.extend((o["logits"].argmax(-1) == r["logits"].argmax(-1)).tolist())
-    outputs = {n: {"max_abs": max(e), "rel": max(e) / max(scale[n], 1e-30)} for n, e in per.items()}
-    result = {
-        "max_abs": max((v["max_abs"] for v in outputs.values()), default=0.0),
-        "rel": max((v["rel"] for v in outputs.values()), default=0.0),
-        "outputs": outputs,
-    }
-    if top1:
-        result["top1"] = float(np.mean(top1))
-    return result
+def _write(folder: Path, data: dict) -> None:
+    (folder / "manifest.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
