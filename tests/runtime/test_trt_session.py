@@ -186,8 +186,8 @@ class KeepingSession:
     def __init__(self, session):
         self.session, self.kept = session, 0
 
-    def run(self, graph, feeds):
-        out = self.session.run(graph, feeds, keep=("present_*", "cross_*"))
+    def run(self, graph, feeds, keep=()):
+        out = self.session.run(graph, feeds, keep=("present_*", "cross_*", *keep))
         self.kept += sum(isinstance(v, DeviceTensor) for v in out.values())
         return out
 
