@@ -292,10 +292,21 @@ def test_engines_match_onnxruntime(bundles, engines, arch):
                     assert err < 1e-3, f"{arch} {graph} {name} at {sizes}: relative error {err:.2e}"
 
 
+class _Keeping:
+    """The cache and cross K/V kept on the GPU whether or not DecoderInference asks for it yet."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def run(self, graph, feeds, keep=()):
+        return self.session.run(graph, feeds, keep=("present_*", "cross_*", *keep))
+
+
 @pytest.mark.gpu
 @needs_trt
+@pytest.mark.parametrize("keep", [False, True], ids=["host", "device"])
 @pytest.mark.parametrize("arch", ["BlipForConditionalGeneration", "BlipForQuestionAnswering"])
-def test_generation_parity_with_onnx_bundle(bundles, engines, arch):
+def test_generation_parity_with_onnx_bundle(bundles, engines, arch, keep):
     from blip_runtime import BlipRuntime
     from blip_runtime.trt_session import TrtSession
 
@@ -304,7 +315,7 @@ def test_generation_parity_with_onnx_bundle(bundles, engines, arch):
     ref = BlipRuntime.load(bundles[arch])
     manifest = load_manifest(engines[arch])
     with TrtSession(manifest) as session:
-        ours = BlipRuntime(manifest, session)
+        ours = BlipRuntime(manifest, _Keeping(session) if keep else session)
         for gen in ({}, {"num_beams": 3, "max_new_tokens": 12}):
             if arch == "BlipForQuestionAnswering":
                 q = ["what color is it?", "is there a circle", "what"]
