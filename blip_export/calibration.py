@@ -35,9 +35,9 @@ class RecordingSession:
         self.inner = inner
         self.feeds: dict[str, list[dict[str, np.ndarray]]] = {}
 
-    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, graph: str, feeds: dict[str, np.ndarray], keep: Sequence[str] = ()) -> dict[str, np.ndarray]:
         self.feeds.setdefault(graph, []).append(dict(feeds))
-        return self.inner.run(graph, feeds)
+        return self.inner.run(graph, feeds)  # host arrays only: recordings must be numpy
 
 
 def _texts_for(start: int, n: int, texts: Sequence[str] | None, task: str) -> list[str]:

@@ -53,7 +53,7 @@ class DecoderInference:
             **self.past,
             **self.cross,
         }
-        out = self.session.run("decoder_step", feeds)
+        out = self.session.run("decoder_step", feeds, keep=("present_*",))
         self.beam_idx = None
         self.past = {name.replace("present_", "past_"): v for name, v in out.items() if name.startswith("present_")}
         return out["logits"]
@@ -111,9 +111,13 @@ class BlipRuntime:
 
     @classmethod
     def load(cls, bundle_dir: str | Path, providers: list | None = None, threads: int | None = None) -> "BlipRuntime":
+        """`providers`: ONNX Runtime execution providers (CPU by default); a TensorRT engine
+        bundle (target "trt") runs on TensorRT directly and takes none."""
         manifest = load_manifest(bundle_dir)
-        if manifest.data.get("target", "onnx") != "onnx":
-            raise BundleError(f"{bundle_dir}: target {manifest.data.get('target')!r} needs the TensorRT runtime")
+        if manifest.data.get("target", "onnx") == "trt":
+            from .trt_session import TrtSession
+
+            return cls(manifest, TrtSession(manifest))
         return cls(manifest, OrtSession(manifest, providers, threads))
 
     @property
@@ -154,7 +158,7 @@ class BlipRuntime:
         return GenerationOptions(**values)
 
     def _decode(self, encoder_states, encoder_mask, prompt_ids, prompt_mask, overrides) -> list[list[int]]:
-        cross = self.session.run("cross_kv", {"encoder_states": encoder_states})
+        cross = self.session.run("cross_kv", {"encoder_states": encoder_states}, keep=("cross_*",))
         inference = DecoderInference(self.session, self.manifest, cross, encoder_mask.astype(np.int64))
         options = self.options(prompt_ids.shape[1], overrides)
         return generate(inference, prompt_ids, prompt_mask, options)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import numpy as np
 
@@ -10,7 +10,10 @@ from .manifest import BundleError, Manifest
 
 
 class Session(Protocol):
-    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def run(self, graph: str, feeds: dict, keep: Sequence[str] = ()) -> dict:
+        """Outputs by name. `keep`: output name patterns a device backend may return as device
+        tensors (fed back as inputs later without a host copy); host backends ignore it."""
+        ...
 
 
 class OrtSession:
@@ -39,7 +42,7 @@ class OrtSession:
             for name in manifest.graphs
         }
 
-    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, graph: str, feeds: dict[str, np.ndarray], keep: Sequence[str] = ()) -> dict[str, np.ndarray]:
         spec = self.manifest.graphs.get(graph)
         if spec is None:
             raise BundleError(f"graph {graph!r} is not in this bundle (it has {sorted(self.manifest.graphs)})")
