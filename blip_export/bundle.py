@@ -44,8 +44,9 @@ class ExportError(RuntimeError):
 class ExportReport:
     bundle: Path
     tasks: list[str]
-    errors: dict[str, dict] = field(default_factory=dict)  # graph -> {"max_abs", "rel"}
+    errors: dict[str, dict] = field(default_factory=dict)  # graph -> {"max_abs", "rel"} vs the reference module
     seconds: float = 0.0
+    accuracy: dict | None = None  # reduced precision: errors vs the fp32 bundle (as in the manifest)
 
 
 def sha256(path: Path) -> str:

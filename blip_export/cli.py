@@ -12,6 +12,7 @@ from pathlib import Path
 from blip_runtime.graphs import Limits
 
 from .defaults import default_models, resolve_model
+from .pipeline import PRECISIONS
 
 TASKS = ("caption", "vqa", "itm", "itc")
 
@@ -29,7 +30,14 @@ def parser() -> argparse.ArgumentParser:
         f"short name of a shipped model ({names}); omitted: export every shipped model, one bundle each under --output",
     )
     p.add_argument("--target", choices=("onnx", "trt"), default="onnx", help="onnx: ONNX Runtime bundle (default)")
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
+    p.add_argument(
+        "--precision", choices=PRECISIONS, default="fp32",
+        help="fp16: fp16 graph with fp32 islands; int8: symmetric Q/DQ int8 (what TensorRT takes; calibrated); "
+        "int8-cpu: ONNX Runtime's fastest CPU form (dynamic int8 MatMul)",
+    )
+    p.add_argument("--calib-images", type=Path,
+                   help="folder of images to calibrate int8 on (default: the calibration set shipped with the package)")
+    p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file, reused between builds")
     p.add_argument("--tasks", help=f"comma-separated subset of {','.join(TASKS)} (default: all the checkpoint has)")
     p.add_argument("--output", "-o", type=Path,
                    help="bundle folder (default: engines/<model>-<precision>); with no model: the parent folder of the bundles")
@@ -49,9 +57,6 @@ def main(argv: list[str] | None = None) -> int:
         if wrong:
             print(f"blip-export: --tasks {','.join(wrong)}: expected some of {','.join(TASKS)}", file=sys.stderr)
             return 2
-    if args.target == "trt":
-        print("blip-export: --target trt is not available yet in this version; use --target onnx", file=sys.stderr)
-        return 1
     for name in ("max_batch", "max_text_len", "max_new_tokens", "num_beams"):
         if getattr(args, name) < 1:
             print(f"blip-export: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
@@ -60,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    from .bundle import ExportError, export_bundle
+    from .bundle import ExportError
     from .errors import CheckpointError
+    from .pipeline import export
 
     bar = tqdm(total=None, disable=args.quiet, bar_format="{desc} [{elapsed}]", file=sys.stderr)
 
@@ -70,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         bar.update()
 
     if args.model is None:
-        jobs = [(path, args.output / f"{name}-{args.precision}" if args.output else None)
+        suffix = f"-{args.precision}" + ("-trt" if args.target == "trt" else "")
+        jobs = [(path, args.output / f"{name}{suffix}" if args.output else None)
                 for name, path in default_models().items()]
         if not jobs:
             print("blip-export: no shipped models in this installation; give a checkpoint folder", file=sys.stderr)
@@ -79,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         jobs = [(resolve_model(args.model), args.output)]
     for folder, output in jobs:
         try:
-            report = export_bundle(folder, output, tasks, args.precision, limits, progress=progress)
+            report = export(folder, output, tasks=tasks, precision=args.precision, target=args.target, limits=limits,
+                            calib_images=args.calib_images, timing_cache=args.timing_cache, progress=progress)
         except (CheckpointError, ExportError) as e:
             bar.close()
             print(f"blip-export: {e}", file=sys.stderr)
@@ -91,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         bar.clear()
         if not args.quiet:
             for graph, err in report.errors.items():
-                print(f"  {graph:<14} max abs error {err['max_abs']:.2e}  relative {err['rel']:.2e}  (ONNX Runtime vs reference)")
+                print(f"  {graph:<14} max abs error {err['max_abs']:.2e}  relative {err['rel']:.2e}  (ONNX Runtime fp32 vs reference)")
+            for graph, err in ((report.accuracy or {}).get("graphs") or {}).items():
+                print(f"  {graph:<14} max abs error {err['max_abs']:.2e}  relative {err['rel']:.2e}  ({args.precision} vs fp32)")
+            for task, value in ((report.accuracy or {}).get("end_to_end") or {}).items():
+                print(f"  end to end {task}: {value}")
         print(f"{report.bundle}  tasks: {','.join(report.tasks)}  ({report.seconds:.1f} s)")
     bar.close()
     return 0
