@@ -20,6 +20,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -30,14 +31,14 @@ from blip_runtime.manifest import load_manifest
 
 from .bundle import ExportError, _replace, sha256
 from .calibration import calibration_feeds, compare_runtimes
-from .measure import check_typed, graph_errors, ort_session, run_all, set_metadata
+from .measure import check_typed, graph_errors, ort_session, run_all, set_metadata, tensor_types
 from .quantize import HOLDOUT_FRACTION, INT8_BOUND, to_int8, to_int8_cpu
 
 # fp32 islands of the fp16 graphs, by op type. Why each:
 # - LayerNormalization: the variance is a mean of squares; fp16 overflows once |x| passes ~256 and
 #   loses the small variances; the residual stream of ViTs carries outlier channels in the hundreds.
 # - Softmax: the exp-sum is a long accumulation, and the scores of a fully masked row (left-padded
-#   prompts) must stay finite (see FP16_MASK below).
+#   prompts) must stay finite (see fp16_islands).
 # - ReduceL2: the ITC features' norm is a sum of squares (and its Clip/Expand/Div follow it; tiny).
 FP16_KEEP_OPS = ("LayerNormalization", "Softmax", "ReduceL2")
 # ONNX Runtime's default block list (ops without fp16 kernels: Range, CumSum, TopK, ...) stays blocked.
@@ -106,7 +107,8 @@ def to_fp16(src: Path, dst: Path, graph: str) -> dict:
     inputs and outputs unchanged (float32 / int64, as the I/O table says).
 
     Returns what stays in fp32, for the manifest: {"precision": "fp16", "kept_fp32": {reason:
-    [node names]}, "kept_fp32_ops": {op type: count}, "fp16_nodes": count}.
+    [node names]}, "kept_fp32_ops": {op type: count}, "fp16_nodes": how many nodes compute in
+    fp16 (Casts not counted), "fp16_round_trips_removed"}.
     """
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
@@ -128,11 +130,11 @@ def to_fp16(src: Path, dst: Path, graph: str) -> dict:
     set_metadata(fp16, {"precision": "fp16"})
     onnx.save(fp16, str(dst))
     check_typed(dst)
-    kinds = {}
     by_name = {n.name: n.op_type for n in fp16.graph.node}
-    for name in node_block:
-        kinds[by_name.get(name, "?")] = kinds.get(by_name.get(name, "?"), 0) + 1
-    fp16_nodes = sum(1 for n in fp16.graph.node if n.op_type not in ("Cast", "Constant") and n.name not in node_block)
+    kinds = dict(Counter(by_name[n] for n in node_block))
+    types = tensor_types(dst)
+    fp16_nodes = sum(1 for n in fp16.graph.node if n.op_type != "Cast"
+                     and any(types.get(o) == onnx.TensorProto.FLOAT16 for o in n.output))
     return {"precision": "fp16", "graph": graph, "kept_fp32": keep, "kept_fp32_ops": kinds, "fp16_nodes": fp16_nodes,
             "fp16_round_trips_removed": folded}
 
