@@ -1,7 +1,19 @@
-"""blip_export: BLIP reference modules, checkpoint loading, ONNX export (needs torch)."""
+"""blip_export: BLIP reference modules, checkpoint loading, ONNX export, precision conversion and
+TensorRT engine builds.
+
+torch is imported only by what needs it (`load_model`, the exporter), so that engines can be built
+from an existing ONNX bundle (blip_export.trt_build) on a device without torch.
+"""
 
 from .config import BlipConfig, TextConfig, VisionConfig, read_config
 from .errors import CheckpointError
-from .loading import load_model
 
 __all__ = ["BlipConfig", "CheckpointError", "TextConfig", "VisionConfig", "load_model", "read_config"]
+
+
+def __getattr__(name):
+    if name == "load_model":
+        from .loading import load_model
+
+        return load_model
+    raise AttributeError(f"module 'blip_export' has no attribute {name!r}")
