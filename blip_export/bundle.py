@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import shutil
 import tempfile
@@ -16,14 +15,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from blip_runtime.graphs import Dims, GraphSpec, Limits, blip_graphs, random_feeds
 from blip_runtime.image import CLIP_MEAN, CLIP_STD, ImageSettings
 from blip_runtime.manifest import FORMAT_VERSION
 
 from .config import BlipConfig
 from .errors import CheckpointError
+from .files import replace_dir, sha256
 from .loading import load_model
 from .onnx_export import compare, export_graph, reference_outputs, verify_sizes
 
@@ -47,14 +45,6 @@ class ExportReport:
     errors: dict[str, dict] = field(default_factory=dict)  # graph -> {"max_abs", "rel"} vs the reference module
     seconds: float = 0.0
     accuracy: dict | None = None  # reduced precision: errors vs the fp32 bundle (as in the manifest)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_dims(config: BlipConfig) -> Dims:
@@ -267,23 +257,12 @@ def export_bundle(
             },
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _replace(tmp, dest)
+        replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     report.seconds = time.time() - start
     return report
-
-
-def _replace(tmp: Path, dest: Path) -> None:
-    """Move the finished bundle into place; an older bundle at `dest` is removed only after."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _version() -> str:

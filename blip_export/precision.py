@@ -29,7 +29,8 @@ import numpy as np
 from blip_runtime import BlipRuntime
 from blip_runtime.manifest import load_manifest
 
-from .bundle import ExportError, _replace, sha256
+from .bundle import ExportError
+from .files import replace_dir, sha256
 from .calibration import calibration_feeds, compare_runtimes
 from .measure import check_typed, graph_errors, ort_session, run_all, set_metadata, tensor_types
 from .quantize import HOLDOUT_FRACTION, INT8_BOUND, to_int8, to_int8_cpu
@@ -276,7 +277,7 @@ def convert_bundle(
         say("end-to-end comparison on held-out images")
         data["accuracy"]["end_to_end"] = compare_runtimes(reference, BlipRuntime.load(tmp), holdout_images, holdout_texts)
         _write(tmp, data)
-        _replace(tmp, dst)
+        replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -14,9 +14,7 @@ tensorrt and polygraphy are imported only when building, so this module imports 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -26,6 +24,8 @@ from pathlib import Path
 from blip_runtime.graphs import Limits, profile_shapes
 from blip_runtime.manifest import BundleError, load_manifest
 from blip_runtime.trt_session import trt_unavailable_reason
+
+from .files import replace_dir, sha256
 
 
 class TrtBuildError(RuntimeError):
@@ -134,7 +134,7 @@ def build_engines(bundle_dir: Path, dst: Path, limits: Limits, timing_cache: Pat
                 detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
                 raise TrtBuildError(f"{name}: TensorRT could not build the engine: {detail}") from e
             entries[name] = {
-                "file": engine.name, "sha256": _sha256(engine), "io": spec.to_dict(),
+                "file": engine.name, "sha256": sha256(engine), "io": spec.to_dict(),
                 "profile": {k: [list(s) for s in v] for k, v in shapes.items()},
                 "onnx_sha256": source.data["graphs"][name].get("sha256"),
                 "build_seconds": round(time.time() - start, 2),
@@ -146,29 +146,10 @@ def build_engines(bundle_dir: Path, dst: Path, limits: Limits, timing_cache: Pat
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _replace(tmp, dst)
+        replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
 
 
-# sha256 and _replace repeat bundle.py's few lines on purpose: bundle.py imports torch, and engines
-# are built on the target machine (a Jetson, say), where only the ONNX bundle and TensorRT are.
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _replace(tmp: Path, dest: Path) -> None:
-    """Move the finished bundle into place; an older bundle at `dest` is removed only after."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

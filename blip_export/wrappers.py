@@ -3,7 +3,6 @@ graph's GraphSpec (blip_runtime.graphs); the exporter names them from that table
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

@@ -8,7 +8,7 @@ symbolic axis whose TensorRT min/opt/max come from `Limits`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
