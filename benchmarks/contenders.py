@@ -1,0 +1,148 @@
+"""The contenders, by name. Each loads one model's checkpoint or bundle and runs a case end to end
+(preprocessing included), while a StageClock records where the time went.
+
+Stages are measured from outside, without touching the code under test: for our runtime by
+wrapping the session's `run(graph, feeds)` per graph name (and `pixels` for preprocessing); for
+transformers by forward hooks on `vision_model`, `text_encoder` and `text_decoder` (one
+text_decoder call per generated token, so the per-token decode time is measured, not inferred).
+
+To add a contender, add a name to CONTENDERS with a class that has `needs` (the bundle kinds
+benchmarks.models must build for it), `unavailable(scale, model)`, `load(scale, model)` and
+`run(case, images)`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections import defaultdict
+
+from . import models
+from .cases import ARCH, QUESTION, TEXT
+
+THREADS = 2  # every contender gets the same two threads
+
+
+class StageClock:
+    """Seconds and calls per stage within one end-to-end call; `reset()` before each call."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.seconds, self.calls = defaultdict(float), defaultdict(int)
+
+    def wrap(self, stage: str, fn):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[stage] += time.perf_counter() - start
+                self.calls[stage] += 1
+
+        return timed
+
+    def hook(self, stage: str, module) -> None:
+        """Time every forward of a torch module (pre/post forward hooks)."""
+        start = []
+        module.register_forward_pre_hook(lambda *_: start.append(time.perf_counter()))
+
+        def done(*_):
+            self.seconds[stage] += time.perf_counter() - start.pop()
+            self.calls[stage] += 1
+
+        module.register_forward_hook(done)
+
+
+class BundleContender:
+    """BlipRuntime over one cached bundle kind: ONNX Runtime on the CPU with THREADS threads (fp32,
+    int8, int8-cpu, fp16), or TensorRT engines (trt-fp16, trt-int8). TensorRT runs asynchronously,
+    so its stage times are launch times; its end-to-end times are exact (logits come to the host
+    every step)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.needs = [kind.removeprefix("trt-"), kind] if kind.startswith("trt-") else [kind]  # bundles to build
+        self.clock = StageClock()
+
+    def unavailable(self, scale: str, model: str) -> str | None:
+        if not (models.bundle(scale, model, self.kind) / "manifest.json").is_file():
+            return f"no {self.kind} bundle (see the setup notes)"
+        return None
+
+    def load(self, scale: str, model: str) -> dict:
+        import onnxruntime
+
+        from blip_runtime import BlipRuntime
+
+        self.rt = BlipRuntime.load(models.bundle(scale, model, self.kind), threads=THREADS)
+        session = self.rt.session
+        run = session.run
+        session.run = lambda graph, *args, **kwargs: self.clock.wrap(graph, run)(graph, *args, **kwargs)
+        self.rt.pixels = self.clock.wrap("preprocess", self.rt.pixels)
+        return {"onnxruntime": onnxruntime.__version__, "threads": THREADS, "session": type(session).__name__}
+
+    def run(self, case, images):
+        rt, n = self.rt, len(images)
+        if case.task == "caption":
+            return rt.caption_tokens(images, **case.generation)
+        if case.task == "vqa":
+            return rt.answer_tokens(images, [QUESTION] * n, **case.generation)
+        if case.task == "itm":
+            return rt.match(images, [TEXT] * n)
+        return rt.image_features(images)
+
+
+class TransformersContender:
+    """What users run today: transformers' BLIP classes, eager PyTorch fp32, torch.set_num_threads(THREADS)."""
+
+    needs = ()  # runs the checkpoint itself: no bundle
+
+    def __init__(self):
+        self.clock = StageClock()
+
+    def unavailable(self, scale: str, model: str) -> str | None:
+        return None if importlib.util.find_spec("transformers") else "transformers is not installed"
+
+    def load(self, scale: str, model: str) -> dict:
+        import torch
+        import transformers
+
+        torch.set_num_threads(THREADS)
+        ckpt = models.folder(scale, model) / "ckpt"
+        self.model = getattr(transformers, ARCH[model]).from_pretrained(ckpt).eval()
+        self.processor = transformers.BlipProcessor.from_pretrained(ckpt)
+        for stage in ("vision_model", "text_encoder", "text_decoder"):
+            if hasattr(self.model, stage):
+                self.clock.hook({"vision_model": "vision", "text_decoder": "decoder_step"}.get(stage, stage),
+                                getattr(self.model, stage))
+        return {"torch": torch.__version__, "transformers": transformers.__version__, "threads": THREADS,
+                "attn_implementation": self.model.config._attn_implementation}
+
+    def run(self, case, images):
+        import torch
+
+        n = len(images)
+        text = {"caption": None, "vqa": [QUESTION] * n, "itm": [TEXT] * n, "itc": None}[case.task]
+        with torch.inference_mode():
+            enc = self.clock.wrap("preprocess", self.processor)(images=images, text=text, return_tensors="pt")
+            if case.task in ("caption", "vqa"):
+                return self.model.generate(**enc, **case.generation).tolist()
+            if case.task == "itm":
+                return self.model(**enc, use_itm_head=True).itm_score.softmax(-1)[:, 1].numpy()
+            # ITC image features as BlipForImageTextRetrieval.forward(use_itm_head=False) makes them
+            embeds = self.model.vision_model(pixel_values=enc["pixel_values"])[0]
+            return torch.nn.functional.normalize(self.model.vision_proj(embeds[:, 0, :]), dim=-1).numpy()
+
+
+CONTENDERS = {
+    "transformers": TransformersContender,
+    "ort-fp32": lambda: BundleContender("fp32"),
+    "ort-int8": lambda: BundleContender("int8"),
+    "ort-int8-cpu": lambda: BundleContender("int8-cpu"),
+    "ort-fp16": lambda: BundleContender("fp16"),
+    "trt-fp16": lambda: BundleContender("trt-fp16"),
+    "trt-int8": lambda: BundleContender("trt-int8"),
+}
+BASELINE = "transformers"

@@ -1,0 +1,138 @@
+"""The machine's limits, measured in the same run as the benchmark, and the model's work in the same
+units, so a time can be judged against what the hardware allows:
+
+- matmul rate: fp32 GEMM at 4096^3 on THREADS threads, best of several runs, the faster of torch
+  (MKL) and onnxruntime (MLAS). numpy is not used: its OpenBLAS may run with OPENBLAS_CORETYPE
+  forced to an older core.
+  The vision graph is compute bound; its FLOPs over its time, as a share of this rate, is its efficiency.
+- memory bandwidth: best of a numpy copy (read + write bytes) and a torch 2-thread sum (read only)
+  of 512 MiB arrays. One decoder step with a short cache is bound by reading the decoder's weights
+  once, so weight bytes / bandwidth is the floor of a per-token decode step.
+
+    python -m benchmarks.limits [--quick] [--out limits.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .contenders import THREADS
+
+
+def best_seconds(fn, runs: int) -> float:
+    fn()  # warm-up: page faults, thread pools
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def torch_gemm(n: int, runs: int) -> float:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / best_seconds(lambda: torch.mm(a, b), runs) / 1e9
+
+
+def ort_gemm(n: int, runs: int) -> float:
+    """The same GEMM through ONNX Runtime's own kernel (MLAS), which is what our graphs use."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    b = numpy_helper.from_array(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32), "b")
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])], [b])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    a = np.ones((n, n), np.float32)
+    return 2 * n**3 / best_seconds(lambda: sess.run(None, {"a": a}), runs) / 1e9
+
+
+def matmul_rate(n: int = 4096, runs: int = 5) -> dict:
+    """The best of torch (MKL) and ONNX Runtime (MLAS): the rate this machine can reach."""
+    import torch
+
+    blas = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
+    rates = {f"torch.mm ({blas.group(1) if blas else '?'})": torch_gemm(n, runs),
+             "onnxruntime MatMul (MLAS)": ort_gemm(n, runs)}
+    kernel = max(rates, key=rates.get)
+    return {"gflops": rates[kernel], "kernel": kernel, "by_kernel": rates, "size": n, "threads": THREADS}
+
+
+def bandwidth(mib: int = 512, runs: int = 5) -> dict:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    src = np.ones(mib * 2**20 // 4, np.float32)
+    dst = np.empty_like(src)
+    copy = 2 * src.nbytes / best_seconds(lambda: np.copyto(dst, src), runs) / 1e9
+    t = torch.from_numpy(src)
+    read = src.nbytes / best_seconds(lambda: t.sum(), runs) / 1e9
+    return {"gbps": max(copy, read), "copy_gbps": copy, "read_gbps": read, "mib": mib}
+
+
+def vision_flops(config: dict, batch: int = 1) -> float:
+    """Multiply-adds x 2 of the ViT from its config: patch embedding and, per layer, QKV,
+    attention scores, attention x V, output projection and the two MLP matmuls (N tokens)."""
+    d, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    size, patch = config["image_size"], config["patch_size"]
+    patches = (size // patch) ** 2
+    n = patches + 1  # + [CLS]
+    embed = 2 * patches * (3 * patch * patch) * d
+    layer = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * inter
+    return batch * (embed + layers * layer)
+
+
+def decoder_weight_bytes(path: Path) -> dict:
+    """Bytes of decoder_step's initializers that a step reads whole: every initializer except the
+    tables only ever gathered from (word and position embeddings: one row per token)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    consumers = defaultdict(set)
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name].add(node.op_type)
+    read = gathered = 0
+    for init in model.graph.initializer:
+        size = numpy_helper.to_array(init).nbytes
+        if consumers[init.name] == {"Gather"}:
+            gathered += size
+        else:
+            read += size
+    return {"read_bytes": read, "gathered_bytes": gathered}
+
+
+def measure(quick: bool = False) -> dict:
+    """quick: small sizes, for smoke runs (the numbers then understate the machine)."""
+    sizes = dict(n=1024, runs=2), dict(mib=64, runs=2)
+    return {"matmul": matmul_rate(**sizes[0]) if quick else matmul_rate(),
+            "bandwidth": bandwidth(**sizes[1]) if quick else bandwidth(), "quick": quick,
+            "env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OMP_NUM_THREADS") if k in os.environ}}
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, help="write the JSON here instead of stdout")
+    p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    args = p.parse_args()
+    text = json.dumps(measure(args.quick), indent=2)
+    if args.out:
+        args.out.write_text(text)
+    else:
+        print(text)

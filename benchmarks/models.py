@@ -1,0 +1,113 @@
+"""The checkpoints and bundles every contender runs, built once and cached under benchmarks/.cache.
+
+A BLIP-base-size checkpoint per model (caption, VQA, image-text retrieval) is built by transformers
+from its config with re-randomized weights (transformers' own init leaves the vision tower near zero),
+saved with save_pretrained, and exported once to an fp32 bundle. The other bundle kinds are made from
+it: int8 / int8-cpu / fp16 by `blip_export.precision.convert_bundle`, TensorRT engines (trt-fp16,
+trt-int8) by `blip_export.trt_build.build_engines` from the ONNX bundle of that precision. A kind
+that cannot be made here is skipped with the reason as a note. Delete benchmarks/.cache (or pass
+--rebuild) after changing the exporter or the converters.
+
+    python -m benchmarks.models [--scale tiny] [--kinds int8,int8-cpu,fp16] [--rebuild]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import traceback
+from pathlib import Path
+
+from .cases import ARCH, MODELS, images
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+STD = 0.05  # weights ~N(0, 0.05): varied tokens; the values do not change the work done
+PRECISIONS = ("int8", "int8-cpu", "fp16")  # int8: symmetric Q/DQ (TensorRT's form); int8-cpu: ORT dynamic u8s8
+KINDS = ("fp32", *PRECISIONS, "trt-fp16", "trt-int8")
+CALIB_TEXTS = ["a picture of a dog", "what color is the car?", "two people on a beach", "a red circle",
+               "is there a cat?", "a man riding a horse", "how many birds are there?", "a bowl of fruit"]
+
+
+def folder(scale: str, model: str) -> Path:
+    return CACHE / scale / model
+
+
+def bundle(scale: str, model: str, kind: str) -> Path:
+    return folder(scale, model) / f"bundle-{kind}"
+
+
+def hf_config(scale: str):
+    from tests.oracle import BASE_TEXT, BASE_VISION, hf_config as make
+
+    return make(BASE_VISION, BASE_TEXT) if scale == "base" else make()
+
+
+def build(scale: str = "base", kinds=KINDS, rebuild: bool = False, say=print) -> dict[str, str]:
+    """Checkpoints and the bundles of `kinds` (fp32 always) for every model; returns
+    {f"{model}/{kind}": note} for the kinds that could not be made."""
+    notes = {}
+    for i, model in enumerate(MODELS):
+        ckpt = folder(scale, model) / "ckpt"
+        if rebuild and folder(scale, model).exists():
+            shutil.rmtree(folder(scale, model))
+        if not (ckpt / "config.json").is_file():
+            from tests.oracle import make_full_checkpoint
+
+            say(f"building {scale} {model} checkpoint")
+            make_full_checkpoint(ARCH[model], ckpt, hf_config(scale), seed=10 + i, std=STD)
+        wanted = ["fp32"] + [k.removeprefix("trt-") for k in kinds if k.startswith("trt-")] + list(kinds)
+        for kind in dict.fromkeys(wanted):  # each once, sources before the engines built from them
+            if (bundle(scale, model, kind) / "manifest.json").is_file():
+                continue
+            say(f"making the {scale} {model} {kind} bundle")
+            try:
+                note = make(scale, model, kind)
+            except Exception as e:  # one kind that fails must not stop the others
+                shutil.rmtree(bundle(scale, model, kind), ignore_errors=True)
+                if kind == "fp32":
+                    raise
+                note = f"failed: {traceback.format_exception_only(type(e), e)[-1].strip()[:300]}"
+            if note:
+                notes[f"{model}/{kind}"] = note
+    return notes
+
+
+def make(scale: str, model: str, kind: str) -> str | None:
+    """Write one bundle; a note instead when this machine or this checkout cannot make it."""
+    dst = bundle(scale, model, kind)
+    if kind == "fp32":
+        from blip_export.bundle import export_bundle
+
+        export_bundle(folder(scale, model) / "ckpt", dst)
+        return None
+    if kind.startswith("trt-"):
+        src = bundle(scale, model, kind.removeprefix("trt-"))
+        if not (src / "manifest.json").is_file():
+            return f"skipped: no {kind.removeprefix('trt-')} ONNX bundle to build the engines from"
+        try:
+            from blip_export.trt_build import build_engines, check_trt_available
+        except ImportError as e:
+            return f"skipped: blip_export.trt_build is not available ({e})"
+        reason = check_trt_available()
+        if reason:
+            return f"skipped: {reason}"
+        from blip_runtime.graphs import Limits
+
+        build_engines(src, dst, Limits())
+        return None
+    try:
+        from blip_export.precision import convert_bundle
+    except ImportError as e:
+        return f"skipped: blip_export.precision.convert_bundle is not available ({e})"
+    convert_bundle(bundle(scale, model, "fp32"), dst, kind, images(len(CALIB_TEXTS), seed=100), CALIB_TEXTS)
+    return None
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scale", choices=("base", "tiny"), default="base")
+    p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated bundle kinds")
+    p.add_argument("--rebuild", action="store_true")
+    args = p.parse_args()
+    for key, note in build(args.scale, args.kinds.split(","), args.rebuild).items():
+        print(f"{key}: {note}")

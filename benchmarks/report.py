@@ -1,0 +1,362 @@
+"""RESULTS.md (and, through benchmarks.plot, results.png) from results.json.
+
+Everything here is arithmetic on what benchmarks.run measured; re-render without measuring again:
+
+    python -m benchmarks.report benchmarks/results.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import models
+from .limits import decoder_weight_bytes, vision_flops
+
+STAGES = ("preprocess", "vision", "text_encoder", "cross_kv", "decoder_step")
+STAGE_NAMES = {"preprocess": "preprocess", "vision": "vision", "text_encoder": "text encoder",
+               "cross_kv": "cross K/V", "decoder_step": "decoder steps"}
+UNITS = {"caption": "captions/s", "vqa": "answers/s", "itm": "pairs/s", "itc": "images/s"}
+MATMUL_OPS = {"MatMul", "FusedMatMul", "Gemm", "Conv"}
+TARGETS = {"caption_fp32": 1.8, "caption_int8": 5.0, "vision_share": 0.85, "decode_vs_read": 1.3, "batch8": 3.0}
+
+
+def model_facts(scale: str) -> dict:
+    """FLOPs of one image through the vision graph and the bytes a decoder step reads."""
+    config = json.loads((models.folder(scale, "caption") / "ckpt" / "config.json").read_text())
+    decoder = models.bundle(scale, "caption", "fp32") / "decoder_step.onnx"
+    return {"vision_flops": vision_flops(config["vision_config"]), "decoder": decoder_weight_bytes(decoder),
+            "vision_config": {k: config["vision_config"][k] for k in
+                              ("hidden_size", "intermediate_size", "num_hidden_layers", "image_size", "patch_size")}}
+
+
+def summarize(case_result: dict) -> dict:
+    """Median and p90 of the end-to-end times; the median of each stage over the same runs."""
+    times = np.array(case_result["times"])
+    runs = case_result["stages"]
+    stage = {s: float(np.median([r["seconds"].get(s, 0.0) for r in runs])) for s in STAGES}
+    steps = [r["calls"].get("decoder_step", 0) for r in runs]
+    other = [t - sum(r["seconds"].get(s, 0.0) for s in STAGES) for t, r in zip(times, runs)]
+    per_token = [r["seconds"].get("decoder_step", 0.0) / n for r, n in zip(runs, steps) if n]
+    return {"median": float(np.median(times)), "p90": float(np.percentile(times, 90)), "n": len(times),
+            "stages": stage, "steps": int(np.median(steps)), "other": float(np.median(other)),
+            "per_token": float(np.median(per_token)) if per_token else None, "output": case_result["output"]}
+
+
+def collect(results: dict) -> tuple[dict, list[str]]:
+    """{case: {contender: summary}} and the contenders in the order they ran."""
+    table, order = {}, []
+    for w in results["workers"]:
+        if w["contender"] not in order:
+            order.append(w["contender"])
+        for case, r in w["cases"].items():
+            table.setdefault(case, {})[w["contender"]] = summarize(r)
+    return table, order
+
+
+def fmt_s(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    if seconds < 0.01:
+        return f"{seconds * 1000:.1f} ms"
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def main_table(results, table, order) -> list[str]:
+    base = results["baseline"]
+    lines = ["| case | work | " + " | ".join(order) + " |", "|---|---|" + "---|" * len(order)]
+    for case in results["cases"]:
+        row = table.get(case["name"], {})
+        work = f"batch {case['batch']}" + (f", {case['num_beams']} beams" if case["num_beams"] > 1 else "")
+        if case["task"] in ("caption", "vqa"):
+            work += ", 20 new tokens"
+        cells = []
+        for c in order:
+            s = row.get(c)
+            if s is None:
+                cells.append("–")
+                continue
+            cell = f"{fmt_s(s['median'])} (p90 {fmt_s(s['p90'])})"
+            if case["batch"] > 1:
+                cell += f", {case['batch'] / s['median']:.2f} {UNITS[case['task']]}"
+            if c != base and base in row:
+                cell += f", **{row[base]['median'] / s['median']:.2f}×**"
+            cells.append(cell)
+        lines.append(f"| {case['name']} | {work} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def stage_table(results, table, order) -> list[str]:
+    lines = ["| case | contender | " + " | ".join(STAGE_NAMES[s] for s in STAGES) + " | per token | other | total |",
+             "|---|---|" + "---:|" * (len(STAGES) + 3)]
+    for case in results["cases"]:
+        for c in order:
+            s = table.get(case["name"], {}).get(c)
+            if s is None:
+                continue
+            cells = [fmt_s(s["stages"][st]) if s["stages"][st] else "–" for st in STAGES]
+            if s["steps"]:
+                cells[-1] += f" ({s['steps']})"
+            per_token = fmt_s(s["per_token"]) if s["per_token"] else "–"
+            lines.append(f"| {case['name']} | {c} | " + " | ".join(cells)
+                         + f" | {per_token} | {fmt_s(s['other'])} | {fmt_s(s['median'])} |")
+    return lines
+
+
+def memory_table(results) -> list[str]:
+    rows = {}
+    for w in results["workers"]:
+        rows.setdefault(w["contender"], {})[w["model"]] = w
+    lines = ["| contender | caption | vqa | itr | torch imported |", "|---|---:|---:|---:|---|"]
+    for c, by_model in rows.items():
+        cells = [f"{by_model[m]['peak_rss_mb']:.0f} MiB ({by_model[m]['rss_after_load_mb']:.0f})" if m in by_model
+                 else "–" for m in ("caption", "vqa", "itr")]
+        torch = "yes" if any(w["torch_loaded"] for w in by_model.values()) else "no"
+        lines.append(f"| {c} | " + " | ".join(cells) + f" | {torch} |")
+    return lines
+
+
+def limits_facts(results, table) -> dict:
+    """The derived numbers the limits section and the targets use."""
+    lim, facts = results["limits"], results["model"]
+    rate, bw = lim["matmul"]["gflops"], lim["bandwidth"]["gbps"]
+    out = {"rate": rate, "bw": bw, "flops": facts["vision_flops"], "read_bytes": facts["decoder"]["read_bytes"]}
+    out["read_s"] = out["read_bytes"] / (bw * 1e9)
+    for c in ("ort-fp32", results["baseline"]):
+        greedy = table.get("caption-greedy", {}).get(c)
+        if greedy and greedy["stages"]["vision"]:
+            out[f"{c}/vision_s"] = greedy["stages"]["vision"]
+            out[f"{c}/vision_gflops"] = out["flops"] / greedy["stages"]["vision"] / 1e9
+            out[f"{c}/per_token"] = greedy["per_token"]
+            out[f"{c}/other_per_token"] = greedy["other"] / max(greedy["steps"], 1)
+        itc = table.get("itc-batch8", {}).get(c)
+        if itc and itc["stages"]["vision"]:
+            out[f"{c}/vision8_gflops"] = 8 * out["flops"] / itc["stages"]["vision"] / 1e9
+    return out
+
+
+def ratio(table, case, contender, base) -> float | None:
+    row = table.get(case, {})
+    return row[base]["median"] / row[contender]["median"] if contender in row and base in row else None
+
+
+def targets(results, table, lf) -> list[tuple[str, str, bool | None]]:
+    base = results["baseline"]
+    r32 = ratio(table, "caption-greedy", "ort-fp32", base)
+    int8 = {c: ratio(table, "caption-greedy", c, base) for c in ("ort-int8", "ort-int8-cpu")}
+    int8 = {c: r for c, r in int8.items() if r}
+    best8 = max(int8, key=int8.get) if int8 else None
+    r8 = int8.get(best8)
+    rb = ratio(table, "caption-batch8", "ort-fp32", base)
+    share = lf.get("ort-fp32/vision_gflops", 0) / lf["rate"] if "ort-fp32/vision_gflops" in lf else None
+    dec = lf["ort-fp32/per_token"] / lf["read_s"] if lf.get("ort-fp32/per_token") else None
+    check = lambda v, t: None if v is None else v >= t  # noqa: E731
+    return [
+        ("caption batch 1 greedy, ORT fp32 ≥ 1.8× transformers end to end",
+         f"{r32:.2f}×" if r32 else "not measured", check(r32, TARGETS["caption_fp32"])),
+        ("caption batch 1 greedy, ORT int8 ≥ 5× transformers end to end",
+         f"{r8:.2f}× ({best8}; " + ", ".join(f"{c} {r:.2f}×" for c, r in int8.items()) + ")" if r8
+         else "not measured: no int8 bundle (see notes)", check(r8, TARGETS["caption_int8"])),
+        ("vision graph fp32 ≥ 85% of the measured matmul rate (batch 1)",
+         f"{share:.0%} ({lf['ort-fp32/vision_gflops']:.0f} of {lf['rate']:.0f} GFLOP/s)" if share else "not measured",
+         check(share, TARGETS["vision_share"])),
+        ("fp32 decode step ≤ 1.3× the time to read the decoder's weights once",
+         f"{dec:.2f}× ({fmt_s(lf['ort-fp32/per_token'])} vs {fmt_s(lf['read_s'])})" if dec else "not measured",
+         None if dec is None else dec <= TARGETS["decode_vs_read"]),
+        ("caption batch 8 throughput, ORT fp32 ≥ 3× transformers batched",
+         f"{rb:.2f}×" if rb else "not measured", check(rb, TARGETS["batch8"])),
+    ]
+
+
+def op_table(ops: list[dict], top: int = 8) -> list[str]:
+    lines = ["| op type | nodes | ms per run | share |", "|---|---:|---:|---:|"]
+    lines += [f"| {o['op']} | {o['nodes']} | {o['ms']:.2f} | {o['share']:.0%} |" for o in ops[:top]]
+    return lines
+
+
+def matmul_ms(ops: list[dict]) -> float:
+    return sum(o["ms"] for o in ops if o["op"] in MATMUL_OPS)
+
+
+def profile_section(results, lf, table) -> list[str]:
+    """Per-op profiles and what they say, with the ideas the numbers point to."""
+    prof, out, ideas = results["profile"], [], []
+    v, d = prof["vision"], prof["decoder_step"]
+    others = lambda ops: ", ".join([f"{o['op']} {o['ms']:.1f} ms ({o['share']:.0%})"  # noqa: E731
+                                    for o in ops if o["op"] not in MATMUL_OPS][:4])
+    mm = matmul_ms(v["ops"])
+    fused_attention = any(o["op"] in ("Attention", "MultiHeadAttention") for o in v["ops"])
+    out += [f"### vision ({_shapes(v)})", "", *op_table(v["ops"]), ""]
+    if mm and not fused_attention:
+        mm_rate = lf["flops"] / (mm / 1000) / 1e9
+        out.append(f"- Kernel time {v['kernel_ms']:.0f} ms per run (under the profiler). The matmul-type kernels "
+                   f"({', '.join(sorted(MATMUL_OPS & {o['op'] for o in v['ops']}))}) take {mm:.0f} ms "
+                   f"= {mm / v['kernel_ms']:.0%}, i.e. {mm_rate:.0f} GFLOP/s, {mm_rate / lf['rate']:.0%} of the "
+                   f"matmul rate; the rest is {others(v['ops'])}.")
+        if mm_rate / lf["rate"] < TARGETS["vision_share"]:
+            ideas.append(f"vision: the matmul kernels themselves reach only {mm_rate / lf['rate']:.0%} of the "
+                         "4096² GEMM rate at ViT shapes (577×768 by 768×768/3072, attention 577×64 by 64×577 per "
+                         "head): batching images (see itc-batch8) raises M and the rate; fewer, larger GEMMs "
+                         "(fused QKV) help too.")
+    out += _fusion_lines("vision", v, ideas)
+    out += ["", f"### decoder_step ({_shapes(d)})", "", *op_table(d["ops"]), ""]
+    dm = matmul_ms(d["ops"])
+    if dm:
+        eff = lf["read_bytes"] / (dm / 1000) / 1e9
+        out.append(f"- Kernel time {d['kernel_ms']:.1f} ms per step (profiled). MatMuls {dm:.1f} ms = "
+                   f"{dm / d['kernel_ms']:.0%}: {lf['read_bytes'] / 1e6:.0f} MB of weights at {eff:.1f} GB/s "
+                   f"(measured bandwidth {lf['bw']:.1f} GB/s). The rest: {others(d['ops'])}.")
+    if lf.get("ort-fp32/per_token"):
+        per, loop = lf["ort-fp32/per_token"], lf["ort-fp32/other_per_token"]
+        out.append(f"- Per token in the caption run: {fmt_s(per)} in the graph plus {fmt_s(loop)} outside it "
+                   "(numpy decoding loop, feeds, input checks), against a weight-read floor of "
+                   f"{fmt_s(lf['read_s'])}.")
+        if loop > 0.1 * per:
+            ideas.append("decode loop: more than 10% of each step is spent outside the graph; IO binding "
+                         "(ORT OrtValues kept between steps) and fewer per-step numpy copies would cut it.")
+    concat = sum(o["ms"] for o in d["ops"] if o["op"] in ("Concat", "Slice"))
+    if concat > 0.05 * d["kernel_ms"]:
+        ideas.append(f"KV cache: Concat/Slice take {concat:.1f} ms per step ({concat / d['kernel_ms']:.0%}); a "
+                     "preallocated cache written in place (past length as an input) removes the copies.")
+    if dm and lf["read_bytes"] / (dm / 1000) / 1e9 < 0.7 * lf["bw"]:
+        ideas.append("decode matmuls: the weights stream well below the measured bandwidth; at batch 1 these are "
+                     "GEMVs, which MLAS's fp32 GEMM path does not specialise. int8 (or 4-bit MatMulNBits) weights "
+                     "cut the bytes read per step 4-8×, which is the lever for a memory-bound step.")
+    out += _fusion_lines("decoder_step", d, ideas)
+    if ideas:
+        out += ["", "### What would speed up our ORT path", "", *[f"- {i}" for i in ideas]]
+    return out
+
+
+def _shapes(entry: dict) -> str:
+    return ", ".join(f"{k} {'×'.join(map(str, v))}" for k, v in entry.get("shapes", {}).items())
+
+
+def _fusion_lines(graph: str, entry: dict, ideas: list[str]) -> list[str]:
+    f = entry.get("fusions")
+    if not f:
+        return []
+    if "error" in f:
+        return [f"- onnxruntime.transformers optimizer on {graph}: failed ({f['error']})."]
+    gain = 1 - f["fused_ms"] / f["base_ms"]
+    new_ops = sorted({o["op"] for o in f["fused_profile"]} - {o["op"] for o in entry["ops"]})
+    line = (f"- What-if, onnxruntime.transformers optimizer on {graph} (timed without the profiler, median of 5): "
+            f"{f['base_ms']:.1f} → {f['fused_ms']:.1f} ms ({f['fused_ms'] / f['base_ms'] - 1:+.0%} time); "
+            f"new op types among the top: {', '.join(new_ops) or 'none'}.")
+    if gain > 0.03:
+        ideas.append(f"{graph}: apply onnxruntime's transformer optimizer at export ({gain:.0%} measured here).")
+    if not any(o in ("Attention", "MultiHeadAttention") for o in new_ops):
+        ideas.append(f"{graph}: the optimizer found no attention pattern to fuse (no Attention/MultiHeadAttention "
+                     "node); exporting attention in a form it recognises, or emitting com.microsoft "
+                     "MultiHeadAttention directly, would let ORT run fused attention kernels.")
+    return [line]
+
+
+def markdown(results: dict) -> str:
+    table, order = collect(results)
+    lf = limits_facts(results, table)
+    m, v, lim, vc = results["machine"], results["versions"], results["limits"], results["model"]["vision_config"]
+    base = results["baseline"]
+    out = ["# Benchmarks: BlipRuntime (ONNX Runtime) against transformers", "",
+           f"`{results['command']}` on {results['date']}, {results['wall_seconds'] / 60:.1f} min, "
+           f"scale `{results['scale']}`. Generated by `benchmarks/report.py` from `results.json`; see README.md "
+           "for what each number means.", ""]
+    busy = results["load"]["busy"]
+    if busy:
+        who = "; ".join(f"pid {b['pid']} at up to {b['cpu_percent']:.0f}% `{b['cmd']}`" for b in busy)
+        out += ["> **Warning: other processes used the CPU during this run; the numbers are not trustworthy.** "
+                + who, ""]
+    out += ["## Machine", "",
+            f"- CPU: {m['cpu']}, {m['cores']} cores, {m['ram_gib']:.0f} GiB RAM; every contender uses "
+            f"{m['threads_used']} threads. {m['os']}",
+            "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
+            f"- Load average (1 min) before / after: {results['load']['loadavg']['before'][0]:.2f} / "
+            f"{results['load']['loadavg']['after'][0]:.2f}; other processes sampled every 5 s during the run: "
+            f"{'none above 20% of a core' if not busy else f'{len(busy)} busy (see the warning above)'}.",
+            "", "## End to end", "",
+            f"Median and p90 of the timed runs (after {results['warmup']} warm-up run per case; "
+            + ", ".join(f"{c['name']} {c['repeats']}" for c in results["cases"])
+            + " timed runs — chosen to keep the whole run under ~15 min on 2 cores, so p90 of 2-7 runs is close "
+            f"to the slowest run). Bold: speed-up over {base} (its median / ours). Preprocessing (resize, "
+            "normalize, tokenize) is included for every contender.", "",
+            *main_table(results, table, order), "", "## Targets", "", "| target | measured | |", "|---|---|---|"]
+    for what, measured, met in targets(results, table, lf):
+        out.append(f"| {what} | {measured} | {'met' if met else 'not measured' if met is None else '**missed**'} |")
+    out += ["", "## Stage breakdown (medians)", "",
+            "Ours: the session's `run()` timed per graph; transformers: forward hooks on `vision_model`, "
+            "`text_encoder` and `text_decoder` (one call per token). `other` = total − stages: the decoding "
+            "loop (beam bookkeeping, logits processing) and glue.", "", *stage_table(results, table, order),
+            "", "## Peak memory", "",
+            "Peak resident set (ru_maxrss) of each contender's own process over all of that model's cases; "
+            "in parentheses, the resident set right after loading.", "", *memory_table(results), "",
+            "## Machine limits", "",
+            f"- Matmul rate: **{lim['matmul']['gflops']:.0f} GFLOP/s** (fp32 {lim['matmul']['size']}³ GEMM, "
+            f"{lim['matmul']['threads']} threads, best kernel {lim['matmul']['kernel']}; "
+            + ", ".join(f"{k} {g:.0f}" for k, g in lim["matmul"]["by_kernel"].items()) + ").",
+            f"- Memory bandwidth: **{lim['bandwidth']['gbps']:.1f} GB/s** (best of numpy copy "
+            f"{lim['bandwidth']['copy_gbps']:.1f} GB/s counting read + write, torch 2-thread sum "
+            f"{lim['bandwidth']['read_gbps']:.1f} GB/s read).",
+            f"- Vision graph: {lf['flops'] / 1e9:.1f} GFLOP per image (patch embedding + "
+            f"{vc['num_hidden_layers']} layers of attention and MLP at "
+            f"{(vc['image_size'] // vc['patch_size']) ** 2 + 1} tokens)."]
+    for c in ("ort-fp32", base):
+        if f"{c}/vision_gflops" in lf:
+            b8 = lf.get(f"{c}/vision8_gflops")
+            out.append(f"  - {c}: {fmt_s(lf[f'{c}/vision_s'])} at batch 1 = {lf[f'{c}/vision_gflops']:.0f} GFLOP/s "
+                       f"= **{lf[f'{c}/vision_gflops'] / lf['rate']:.0%}** of the matmul rate"
+                       + (f"; batch 8: {b8:.0f} GFLOP/s = {b8 / lf['rate']:.0%}" if b8 else "") + ".")
+    dec = results["model"]["decoder"]
+    out.append(f"- Decoder step: {dec['read_bytes'] / 1e6:.0f} MB of weights read per step (decoder_step.onnx "
+               f"initializers, without the {dec['gathered_bytes'] / 1e6:.0f} MB embedding tables that are only "
+               f"gathered from); reading them once at the measured bandwidth takes **{fmt_s(lf['read_s'])}**.")
+    for c in ("ort-fp32", base):
+        if lf.get(f"{c}/per_token"):
+            out.append(f"  - {c}: {fmt_s(lf[f'{c}/per_token'])} per token (caption greedy) = "
+                       f"**{lf[f'{c}/per_token'] / lf['read_s']:.2f}×** the weight-read time.")
+    out += ["", "## ONNX Runtime profiles (fp32 bundle)", "",
+            "`SessionOptions.enable_profiling`, median per op type over 5 runs (the profiler adds its own "
+            "overhead, so absolute times are above the end-to-end stage times).", "",
+            *profile_section(results, lf, table), "", "## Notes", ""]
+    for name, by_model in results["skipped"].items():
+        notes = sorted(set(by_model.values()))
+        out.append(f"- {name}: skipped ({'; '.join(notes)}).")
+    grouped = {}
+    for key, note in results["setup_notes"].items():
+        model, kind = key.split("/", 1)
+        grouped.setdefault((kind, note), []).append(model)
+    for (kind, note), which in grouped.items():
+        out.append(f"- {kind} bundle for {', '.join(which)}: {note}")
+    for key, note in results["failures"].items():
+        out.append(f"- **{key} failed**: {note}")
+    same = [c["name"] for c in results["cases"] if _same_output(table.get(c["name"], {}), base)]
+    lengths = {s["output"]["lengths"][0] - 1 for row in table.values() for s in row.values()
+               if "lengths" in s["output"] and len(s["output"]["lengths"]) == 1}
+    fixed = "exactly " + ", ".join(map(str, sorted(lengths))) if len(lengths) == 1 else f"varying lengths {lengths}"
+    out.append(f"- Same work: every generation produced {fixed} new tokens per row; ort-fp32 outputs equal to "
+               f"{base}'s (first row's tokens, or values to 1e-4) in: {', '.join(same) or 'none'}.")
+    return "\n".join(out) + "\n"
+
+
+def _same_output(row: dict, base: str) -> bool:
+    if base not in row or "ort-fp32" not in row:
+        return False
+    a, b = row[base]["output"], row["ort-fp32"]["output"]
+    if "lengths" in a:
+        return a["first"] == b["first"] and a["lengths"] == b["lengths"]
+    return bool(np.allclose(a["first"], b["first"], atol=1e-4))
+
+
+def write(results: dict, folder: Path) -> None:
+    from .plot import plot
+
+    (folder / "RESULTS.md").write_text(markdown(results))
+    table, order = collect(results)
+    plot(results, table, order, folder / "results.png")
+
+
+if __name__ == "__main__":
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results.json")
+    write(json.loads(path.read_text()), path.parent)

@@ -1,0 +1,76 @@
+"""One contender on one model's cases, in a process of its own: its peak resident memory is then its
+own (ru_maxrss), and an ORT process never has torch loaded. Prints one JSON line per timed or
+warm-up run (progress for benchmarks.run) and a final {"result": ...} line.
+
+    python -m benchmarks.worker ort-fp32 caption [--scale tiny] [--repeats 1] [--cases caption-greedy]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+import numpy as np
+
+from .cases import CASES, WARMUP, images
+from .contenders import CONTENDERS
+
+
+def emit(**event) -> None:
+    print(json.dumps(event), flush=True)
+
+
+def summary(output) -> dict:
+    """What the run produced, to check that every contender did the same work."""
+    if isinstance(output, list):  # token ids per row
+        return {"rows": len(output), "lengths": sorted({len(r) for r in output}), "first": list(map(int, output[0]))}
+    out = np.asarray(output, dtype=np.float64)
+    return {"rows": int(out.shape[0]), "shape": list(out.shape), "first": np.round(out[0].ravel()[:8], 6).tolist()}
+
+
+def bench(contender, case, repeats: int) -> dict:
+    imgs = images(case.batch, seed=1)
+    times, stages, produced = [], [], None
+    for i in range(WARMUP + repeats):
+        contender.clock.reset()
+        start = time.perf_counter()
+        output = contender.run(case, imgs)
+        elapsed = time.perf_counter() - start
+        emit(tick=case.name, warmup=i < WARMUP, seconds=round(elapsed, 4))
+        if i >= WARMUP:
+            times.append(elapsed)
+            stages.append({"seconds": dict(contender.clock.seconds), "calls": dict(contender.clock.calls)})
+            produced = produced or summary(output)
+    return {"times": times, "stages": stages, "output": produced}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("contender", choices=sorted(CONTENDERS))
+    p.add_argument("model")
+    p.add_argument("--scale", default="base")
+    p.add_argument("--repeats", type=int, help="timed runs per case (default: each case's own count)")
+    p.add_argument("--cases", help="comma-separated case names (default: all of this model's)")
+    args = p.parse_args(argv)
+    wanted = set(args.cases.split(",")) if args.cases else None
+    cases = [c for c in CASES if c.model == args.model and (wanted is None or c.name in wanted)]
+    contender = CONTENDERS[args.contender]()
+    start = time.perf_counter()
+    info = contender.load(args.scale, args.model)
+    load_s = time.perf_counter() - start
+    import psutil
+
+    rss_loaded = psutil.Process().memory_info().rss / 2**20
+    results = {c.name: bench(contender, c, args.repeats or c.repeats) for c in cases}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    emit(result={"contender": args.contender, "model": args.model, "info": info, "load_seconds": load_s,
+                 "rss_after_load_mb": rss_loaded, "peak_rss_mb": peak, "torch_loaded": "torch" in sys.modules,
+                 "cases": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
