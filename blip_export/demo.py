@@ -1,7 +1,7 @@
 """The main job on the embedded default model: export every shipped easy-VQA checkpoint to ONNX,
 then caption, answer and retrieve on a few test-split images, with timings.
 
-    python -m blip_export.demo [--precision fp32 ...] [--output engines]
+    python -m blip_export.demo [--precision fp32 int8 ...] [--output engines]
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ def timed(fn, *args, **kwargs):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m blip_export.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--precision", nargs="+", default=["fp32"], help="bundles to build and run")
+    p.add_argument("--precision", nargs="+", default=["fp32", "int8"], help="bundles to build and run")
     p.add_argument("--output", type=Path, default=Path(__file__).resolve().parent.parent / "engines")
     args = p.parse_args(argv)
 
     from blip_runtime import BlipRuntime
 
-    from .bundle import ExportError, export_bundle
+    from .bundle import ExportError
+    from .pipeline import export
 
     models = default_models()
     if not models:
@@ -41,12 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         runtimes = {}
         for name, folder in models.items():
             try:
-                report, seconds = timed(export_bundle, folder, args.output / f"{name}-{precision}", precision=precision)
+                report, seconds = timed(export, folder, args.output / f"{name}-{precision}", precision=precision)
             except ExportError as e:
                 print(f"demo: {name}: {e}", file=sys.stderr)
                 return 1
-            worst = max(e["rel"] for e in report.errors.values())
-            print(f"exported {name:<16} -> {report.bundle}  ({seconds:.1f} s, worst graph error {worst:.1e})")
+            errors = (report.accuracy or {}).get("graphs") or report.errors
+            worst = max(e["rel"] for e in errors.values())
+            versus = "vs fp32" if report.accuracy else "vs PyTorch"
+            print(f"exported {name:<16} -> {report.bundle}  ({seconds:.1f} s, worst graph error {versus} {worst:.1e})")
             runtimes[name] = BlipRuntime.load(report.bundle)
         for rt in runtimes.values():
             if "caption" in rt.tasks:
