@@ -295,6 +295,10 @@ def main(argv=None) -> None:
     ap.add_argument("--no-augment", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--state", type=Path,
+                    help="save the training state here every --save-every steps and resume from it when it "
+                         "exists: a resumed run ends bitwise where the uninterrupted one does")
+    ap.add_argument("--save-every", type=int, default=100)
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -329,8 +333,21 @@ def main(argv=None) -> None:
     deadline = start + 60 * args.minutes
     running: dict[str, float] = {}
     print(f"setup {time.time() - start:.1f}s; training {args.steps} steps of {args.batch} images", flush=True)
-    step = 0
-    for step in range(args.steps):
+    first = 0
+    recipe = {k: v for k, v in vars(args).items() if k not in ("out", "minutes", "state", "save_every", "log_every")}
+    if args.state is not None and args.state.is_file():
+        state = torch.load(args.state, weights_only=False)
+        if state["recipe"] != {k: str(v) for k, v in recipe.items()}:
+            raise SystemExit(f"{args.state} was saved by a run with other arguments: {state['recipe']}")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        batches.rng.bit_generator.state = state["np_rng"]
+        batches.order = state["order"]
+        first = state["step"]
+        print(f"resumed from {args.state} at step {first}", flush=True)
+    step = first
+    for step in range(first, args.steps):
         if time.time() > deadline:
             print(f"STOPPED EARLY at step {step}/{args.steps}: the {args.minutes} min budget ran out "
                   "(the run is not the reproducible one)", flush=True)
@@ -350,6 +367,12 @@ def main(argv=None) -> None:
             print(f"step {step + 1} lr {lr_at(step):.2e} temp {float(model.temp.detach()):.3f} {shown} "
                   f"[{time.time() - start:.0f}s wall, {time.process_time():.0f}s cpu]", flush=True)
             running = {}
+        if args.state is not None and (step + 1) % args.save_every == 0:
+            tmp = args.state.with_name(args.state.name + ".tmp")
+            torch.save({"recipe": {k: str(v) for k, v in recipe.items()}, "step": step + 1,
+                        "model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                        "np_rng": batches.rng.bit_generator.state, "order": batches.order}, tmp)
+            os.replace(tmp, args.state)
     export(model, cfg, tok, args.out)
     print(f"wrote {', '.join(f'easyvqa-{n}' for n in CHECKPOINTS)} under {args.out} "
           f"after {step + 1} steps in {(time.time() - start) / 60:.1f} min", flush=True)
