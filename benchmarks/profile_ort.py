@@ -57,7 +57,9 @@ def median_ms(sess, feeds: dict, runs: int = RUNS) -> float:
 
 
 def profile(path: Path, feeds: dict, runs: int = RUNS) -> dict:
-    """Per op type: ms per run and share of the kernel time; node count per op type."""
+    """Per op type: ms per run, share of the kernel time and node count; per MatMul shape: ms per
+    run, the GFLOP/s it reached and the rate at which it read its B operand (weights, or K/V),
+    from the shapes the profiler records."""
     with tempfile.TemporaryDirectory() as tmp:
         sess = session(path, tmp)
         for _ in range(runs + 1):
@@ -66,19 +68,39 @@ def profile(path: Path, feeds: dict, runs: int = RUNS) -> dict:
     runs = [e for e in events if e.get("name") == "model_run"][1:]  # the first is the warm-up
     kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     per_run, nodes = [defaultdict(float) for _ in runs], defaultdict(set)
+    gemm_runs, gemm_flops, gemm_nodes = [defaultdict(float) for _ in runs], {}, defaultdict(set)
     for e in kernels:
+        op = e["args"]["op_name"]
         for i, run in enumerate(runs):
             if run["ts"] <= e["ts"] <= run["ts"] + run["dur"]:
-                per_run[i][e["args"]["op_name"]] += e["dur"] / 1000
-                nodes[e["args"]["op_name"]].add(e["name"])
+                per_run[i][op] += e["dur"] / 1000
+                nodes[op].add(e["name"])
+                if op in ("MatMul", "FusedMatMul"):
+                    # A [.., M, K] (B is an initializer or the second input); out [.., M, N]
+                    ins, out = e["args"]["input_type_shape"], e["args"]["output_type_shape"][0]
+                    a, out = next(iter(ins[0].values())), next(iter(out.values()))
+                    key = f"{op} {'×'.join(map(str, a))} → {'×'.join(map(str, out))}"
+                    # one recorded input: B is a constant fp32 weight [K, N]; two: B is [.., K, N] per batch
+                    weight = len(ins) == 1
+                    b_bytes = 4 * a[-1] * out[-1] * (1 if weight else int(np.prod(out[:-2])))
+                    gemm_flops[key] = (2 * int(np.prod(out)) * a[-1], b_bytes, weight)
+                    gemm_runs[i][key] += e["dur"] / 1000
+                    gemm_nodes[key].add(e["name"])
     # median over runs per op type: one preempted run must not move the picture
     per_op = {op: float(np.median([r.get(op, 0.0) for r in per_run])) for op in nodes}
     total = sum(per_op.values())
     ops = sorted(per_op.items(), key=lambda kv: -kv[1])
+    gemms = []
+    for key, (flops, b_bytes, weight) in gemm_flops.items():
+        ms = float(np.median([r.get(key, 0.0) for r in gemm_runs]))
+        n, rate = len(gemm_nodes[key]), 1e-9 / (ms / 1000) if ms else 0.0
+        gemms.append({"shape": key, "nodes": n, "ms": ms, "gflops": n * flops * rate, "b_gbps": n * b_bytes * rate,
+                      "weight": weight})
     return {
         "run_ms": float(np.median([r["dur"] for r in runs])) / 1000,
         "kernel_ms": total,
         "ops": [{"op": op, "ms": ms, "share": ms / total, "nodes": len(nodes[op])} for op, ms in ops],
+        "gemms": sorted(gemms, key=lambda g: -g["ms"]),
     }
 
 

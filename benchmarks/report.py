@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import models
+from .cases import NEW_TOKENS
 from .limits import decoder_weight_bytes, vision_flops
 
 STAGES = ("preprocess", "vision", "text_encoder", "cross_kv", "decoder_step")
@@ -28,7 +29,10 @@ def model_facts(scale: str) -> dict:
     """FLOPs of one image through the vision graph and the bytes a decoder step reads."""
     config = json.loads((models.folder(scale, "caption") / "ckpt" / "config.json").read_text())
     decoder = models.bundle(scale, "caption", "fp32") / "decoder_step.onnx"
-    return {"vision_flops": vision_flops(config["vision_config"]), "decoder": decoder_weight_bytes(decoder),
+    dims = json.loads((decoder.parent / "manifest.json").read_text())["dims"]
+    cross = 2 * dims["num_layers"] * dims["num_image_tokens"] * dims["text_hidden"] * 4  # K and V, fp32, one row
+    return {"vision_flops": vision_flops(config["vision_config"]),
+            "decoder": {**decoder_weight_bytes(decoder), "cross_kv_bytes": cross},
             "vision_config": {k: config["vision_config"][k] for k in
                               ("hidden_size", "intermediate_size", "num_hidden_layers", "image_size", "patch_size")}}
 
@@ -72,7 +76,7 @@ def main_table(results, table, order) -> list[str]:
         row = table.get(case["name"], {})
         work = f"batch {case['batch']}" + (f", {case['num_beams']} beams" if case["num_beams"] > 1 else "")
         if case["task"] in ("caption", "vqa"):
-            work += ", 20 new tokens"
+            work += f", {NEW_TOKENS} new tokens"
         cells = []
         for c in order:
             s = row.get(c)
@@ -177,6 +181,16 @@ def op_table(ops: list[dict], top: int = 8) -> list[str]:
     return lines
 
 
+def gemm_table(gemms: list[dict], rate: float, bw: float, top: int = 6) -> list[str]:
+    """The matmuls by shape: what each reaches against the machine's matmul rate and bandwidth."""
+    lines = ["| matmul A (input) → output | B | nodes | ms per run | GFLOP/s | of matmul rate | B read, GB/s |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for g in gemms[:top]:
+        lines.append(f"| {g['shape']} | {'weight' if g['weight'] else 'activation'} | {g['nodes']} | {g['ms']:.2f} | "
+                     f"{g['gflops']:.0f} | {g['gflops'] / rate:.0%} | {g['b_gbps']:.1f} ({g['b_gbps'] / bw:.0%}) |")
+    return lines
+
+
 def matmul_ms(ops: list[dict]) -> float:
     return sum(o["ms"] for o in ops if o["op"] in MATMUL_OPS)
 
@@ -189,7 +203,8 @@ def profile_section(results, lf, table) -> list[str]:
                                     for o in ops if o["op"] not in MATMUL_OPS][:4])
     mm = matmul_ms(v["ops"])
     fused_attention = any(o["op"] in ("Attention", "MultiHeadAttention") for o in v["ops"])
-    out += [f"### vision ({_shapes(v)})", "", *op_table(v["ops"]), ""]
+    out += [f"### vision ({_shapes(v)})", "", *op_table(v["ops"]), "",
+            *gemm_table(v.get("gemms", []), lf["rate"], lf["bw"]), ""]
     if mm and not fused_attention:
         mm_rate = lf["flops"] / (mm / 1000) / 1e9
         out.append(f"- Kernel time {v['kernel_ms']:.0f} ms per run (under the profiler). The matmul-type kernels "
@@ -198,11 +213,11 @@ def profile_section(results, lf, table) -> list[str]:
                    f"matmul rate; the rest is {others(v['ops'])}.")
         if mm_rate / lf["rate"] < TARGETS["vision_share"]:
             ideas.append(f"vision: the matmul kernels themselves reach only {mm_rate / lf['rate']:.0%} of the "
-                         "4096² GEMM rate at ViT shapes (577×768 by 768×768/3072, attention 577×64 by 64×577 per "
-                         "head): batching images (see itc-batch8) raises M and the rate; fewer, larger GEMMs "
-                         "(fused QKV) help too.")
+                         "big-GEMM rate at the ViT's shapes (table above); batching images raises M (see "
+                         "itc-batch8 against caption-greedy in the limits section).")
     out += _fusion_lines("vision", v, ideas)
-    out += ["", f"### decoder_step ({_shapes(d)})", "", *op_table(d["ops"]), ""]
+    out += ["", f"### decoder_step ({_shapes(d)})", "", *op_table(d["ops"]), "",
+            *gemm_table(d.get("gemms", []), lf["rate"], lf["bw"]), ""]
     dm = matmul_ms(d["ops"])
     if dm:
         eff = lf["read_bytes"] / (dm / 1000) / 1e9
@@ -217,14 +232,30 @@ def profile_section(results, lf, table) -> list[str]:
         if loop > 0.1 * per:
             ideas.append("decode loop: more than 10% of each step is spent outside the graph; IO binding "
                          "(ORT OrtValues kept between steps) and fewer per-step numpy copies would cut it.")
+    weights = [g for g in d.get("gemms", []) if g["weight"] and g["ms"]]
+    if weights:
+        most, fastest = max(weights, key=lambda g: g["nodes"]), max(g["b_gbps"] for g in weights)
+        if most["b_gbps"] < 0.7 * fastest:
+            ideas.append(f"decoder GEMVs: the most frequent one ({most['nodes']}× `{most['shape']}`) streams its "
+                         f"weights at {most['b_gbps']:.1f} GB/s against {fastest:.1f} GB/s for the largest: small "
+                         "matmuls pay a fixed cost each. Concatenating weights that read the same input (the "
+                         "self-attention Q, K and V projections) into one MatMul per layer cuts that.")
+    slow_attn = [g for g in d.get("gemms", []) if not g["weight"] and g["ms"] > 0.05 * d["kernel_ms"]
+                 and g["b_gbps"] < 0.5 * lf["bw"]]
+    for g in slow_attn:
+        transposed = g["shape"].startswith("FusedMatMul")
+        ideas.append(f"cross-attention: `{g['shape']}` ({g['nodes']} nodes, {g['ms']:.1f} ms per step) reads its "
+                     f"K/V operand at only {g['b_gbps']:.1f} GB/s"
+                     + ("; it is a transposed-B matmul over the image tokens: have cross_kv emit the keys "
+                        "already transposed ([B, H, Dh, N]) so each step runs a plain MatMul." if transposed else "."))
     concat = sum(o["ms"] for o in d["ops"] if o["op"] in ("Concat", "Slice"))
     if concat > 0.05 * d["kernel_ms"]:
         ideas.append(f"KV cache: Concat/Slice take {concat:.1f} ms per step ({concat / d['kernel_ms']:.0%}); a "
                      "preallocated cache written in place (past length as an input) removes the copies.")
     if dm and lf["read_bytes"] / (dm / 1000) / 1e9 < 0.7 * lf["bw"]:
-        ideas.append("decode matmuls: the weights stream well below the measured bandwidth; at batch 1 these are "
-                     "GEMVs, which MLAS's fp32 GEMM path does not specialise. int8 (or 4-bit MatMulNBits) weights "
-                     "cut the bytes read per step 4-8×, which is the lever for a memory-bound step.")
+        ideas.append("decode matmuls: the weights stream well below the measured bandwidth. At batch 1 these are "
+                     "matrix-vector products (M = 1), bound by the bytes read: int8 weights (ort-int8-cpu) or "
+                     "4-bit MatMulNBits cut those bytes 4-8×, the lever for a memory-bound step.")
     out += _fusion_lines("decoder_step", d, ideas)
     if ideas:
         out += ["", "### What would speed up our ORT path", "", *[f"- {i}" for i in ideas]]
@@ -311,7 +342,9 @@ def markdown(results: dict) -> str:
     dec = results["model"]["decoder"]
     out.append(f"- Decoder step: {dec['read_bytes'] / 1e6:.0f} MB of weights read per step (decoder_step.onnx "
                f"initializers, without the {dec['gathered_bytes'] / 1e6:.0f} MB embedding tables that are only "
-               f"gathered from); reading them once at the measured bandwidth takes **{fmt_s(lf['read_s'])}**.")
+               f"gathered from); reading them once at the measured bandwidth takes **{fmt_s(lf['read_s'])}**. "
+               f"Each step also reads the cross-attention K/V, {dec.get('cross_kv_bytes', 0) / 1e6:.0f} MB per "
+               "row, not counted in the target.")
     for c in ("ort-fp32", base):
         if lf.get(f"{c}/per_token"):
             out.append(f"  - {c}: {fmt_s(lf[f'{c}/per_token'])} per token (caption greedy) = "
@@ -336,7 +369,7 @@ def markdown(results: dict) -> str:
                if "lengths" in s["output"] and len(s["output"]["lengths"]) == 1}
     fixed = "exactly " + ", ".join(map(str, sorted(lengths))) if len(lengths) == 1 else f"varying lengths {lengths}"
     out.append(f"- Same work: every generation produced {fixed} new tokens per row; ort-fp32 outputs equal to "
-               f"{base}'s (first row's tokens, or values to 1e-4) in: {', '.join(same) or 'none'}.")
+               f"the {base} outputs (first row's tokens, or values to 1e-4) in: {', '.join(same) or 'none'}.")
     return "\n".join(out) + "\n"
 
 

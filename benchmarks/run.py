@@ -46,7 +46,11 @@ def machine() -> dict:
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version()}
+    """Library versions, and the commit of this checkout (+dirty when blip_export/blip_runtime differ from it)."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    commit = git("rev-parse", "--short", "HEAD")
+    out = {"blip-trt": commit + ("+dirty" if git("status", "--porcelain", "blip_export", "blip_runtime") else ""),
+           "python": platform.python_version()}
     for name in ("torch", "transformers", "onnxruntime", "numpy", "onnx"):
         try:
             out[name] = version(name)
