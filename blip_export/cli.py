@@ -37,6 +37,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--calib-images", type=Path,
                    help="folder of images to calibrate int8 on (default: the calibration set shipped with the package)")
+    p.add_argument("--quantize-all", action="store_true",
+                   help="int8 forms: quantize every layer, skipping the measured search that keeps the layers "
+                   "which lose too much accuracy in fp32 (for speed measurements; the manifest still reports the error)")
     p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file, reused between builds")
     p.add_argument("--tasks", help=f"comma-separated subset of {','.join(TASKS)} (default: all the checkpoint has)")
     p.add_argument("--output", "-o", type=Path,
@@ -61,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             print(f"blip-export: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2
+    if args.quantize_all and not args.precision.startswith("int8"):
+        print(f"blip-export: --quantize-all applies to --precision int8 or int8-cpu, not {args.precision}", file=sys.stderr)
+        return 2
     limits = Limits(args.max_batch, args.max_text_len, args.max_new_tokens, args.num_beams)
 
     from tqdm import tqdm
@@ -87,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     for folder, output in jobs:
         try:
             report = export(folder, output, tasks=tasks, precision=args.precision, target=args.target, limits=limits,
-                            calib_images=args.calib_images, timing_cache=args.timing_cache, progress=progress)
+                            calib_images=args.calib_images, timing_cache=args.timing_cache,
+                            quantize_all=args.quantize_all, progress=progress)
         except (CheckpointError, ExportError) as e:
             bar.close()
             print(f"blip-export: {e}", file=sys.stderr)

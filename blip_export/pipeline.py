@@ -47,9 +47,11 @@ def export(
     limits: Limits = Limits(),
     calib_images: str | Path | None = None,
     timing_cache: str | Path | None = None,
+    quantize_all: bool = False,
     progress=None,
 ) -> ExportReport:
-    """Export `checkpoint` to a bundle of `precision` for `target` ("onnx" or "trt") at `output`."""
+    """Export `checkpoint` to a bundle of `precision` for `target` ("onnx" or "trt") at `output`.
+    quantize_all: int8 forms quantize every layer instead of keeping the ones that lose too much in fp32."""
     start = time.time()
     if precision not in PRECISIONS:
         raise ExportError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
@@ -80,7 +82,8 @@ def export(
             from .precision import convert_bundle
 
             onnx_bundle = dest if target == "onnx" else work / precision
-            data = convert_bundle(work / "fp32", onnx_bundle, precision, calib_images=calib, progress=progress)
+            extra = {"bound": None} if quantize_all else {}
+            data = convert_bundle(work / "fp32", onnx_bundle, precision, calib_images=calib, progress=progress, **extra)
             report.accuracy = data.get("accuracy")
         if build_engines is not None:
             from .trt_build import TrtBuildError, default_timing_cache

@@ -204,7 +204,7 @@ def convert_bundle(
     calib_texts: Sequence[str] | None = None,
     holdout_images: list | None = None,
     holdout_texts: Sequence[str] | None = None,
-    bound: float = INT8_BOUND,
+    bound: float | None = INT8_BOUND,
     method: str = "minmax",
     progress=None,
 ) -> dict:
@@ -215,7 +215,8 @@ def convert_bundle(
     or for int8 the last quarter of calib_images; fp16 and int8-cpu calibrate nothing and measure on
     all the images given (synthetic ones when none are: synthetic_images).
     bound: the largest relative error an int8 graph may have on held-out feeds before layer groups
-    are kept in fp32 (quantize.search_exclusions); method: int8 calibration (minmax, percentile, entropy).
+    are kept in fp32 (quantize.search_exclusions); None quantizes every layer with no search (the
+    layers excluded by rule stay excluded); method: int8 calibration (minmax, percentile, entropy).
     """
     say = progress or (lambda msg: None)
     src, dst = Path(fp32_bundle), Path(dst)

@@ -118,7 +118,7 @@ def search_exclusions(
     quantize: Callable[[list[str], Path], None],
     evaluate: Callable[[Path], dict],
     groups: dict[str, list[str]],
-    bound: float,
+    bound: float | None,
     workdir: Path,
     say=lambda msg: None,
     min_top1: float = INT8_MIN_TOP1,
@@ -152,7 +152,7 @@ def search_exclusions(
     accept([], first, path)
     result["error_all_quantized"] = first
     say(f"all {len(everything)} nodes quantized: {_fmt(first)}")
-    if badness(first, bound, min_top1) <= 1:
+    if bound is None or badness(first, bound, min_top1) <= 1:  # None: quantize everything, no search
         return result
     sensitivity = {}
     for group in groups:
@@ -224,7 +224,7 @@ def to_int8(
     graph: str,
     calibration: Iterable[dict[str, np.ndarray]],
     holdout: Iterable[dict[str, np.ndarray]] | None = None,
-    bound: float = INT8_BOUND,
+    bound: float | None = INT8_BOUND,
     method: str = "minmax",
     granularity: str = "layer",
     min_top1: float = INT8_MIN_TOP1,
@@ -293,7 +293,7 @@ def to_int8_cpu(
     dst: Path,
     graph: str,
     feeds: Iterable[dict[str, np.ndarray]],
-    bound: float = INT8_BOUND,
+    bound: float | None = INT8_BOUND,
     granularity: str = "layer",
     min_top1: float = INT8_MIN_TOP1,
     progress=None,
@@ -352,9 +352,10 @@ def _finish(path: Path, dst: Path, precision: str) -> None:
     check_typed(dst)
 
 
-def _describe(result: dict, bound: float, min_top1: float) -> dict:
+def _describe(result: dict, bound: float | None, min_top1: float) -> dict:
     return {
         "bound": bound,
+        "exclusion_search": "off: every layer quantized (--quantize-all)" if bound is None else "on",
         "min_top1": min_top1,
         "excluded_by_rule": result.get("excluded_by_rule", []),
         "excluded_groups": result["excluded_groups"],

@@ -11,12 +11,25 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
 from .common import activation, causal_padding_mask, padding_mask
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (B, H, T, Dh)
+
+
+def fused_linear(x: torch.Tensor, *linears: nn.Linear) -> torch.Tensor:
+    """x @ [W1; W2; ...]^T + [b1; b2; ...]: several Linears of the same input, outputs concatenated on
+    the last axis. In an ONNX export this is one MatMul against one folded initializer (a wider
+    matrix streams faster than several narrow ones, and is one node to quantize); in eager mode the
+    Linears run separately, so training and parity with transformers stay bit for bit as before."""
+    if not torch.onnx.is_in_onnx_export():
+        return torch.cat([lin(x) for lin in linears], dim=-1)
+    weight = torch.cat([lin.weight for lin in linears], dim=0)
+    bias = torch.cat([lin.bias for lin in linears], dim=0)
+    return F.linear(x, weight, bias)
 
 
 class BlipTextEmbeddings(nn.Module):
@@ -42,20 +55,35 @@ class BlipTextSelfAttention(nn.Module):
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, H, T, Dh)."""
-        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        # reshape(B, -1, H, Dh), not unflatten(-1, ...): the exported shape computation is half the
+        # nodes, which matters in a decoder step where each small op costs about as much as its work.
+        return x.reshape(x.shape[0], -1, self.num_heads, self.head_dim).transpose(1, 2)
 
     def key_value(self, states: torch.Tensor) -> KV:
-        """states (B, T, D_kv) -> (k, v), each (B, H, T, Dh)."""
-        return self.heads(self.key(states)), self.heads(self.value(states))
+        """states (B, T, D_kv) -> (k, v), each (B, H, T, Dh).
 
-    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x (B, S, D), k/v (B, H, T, Dh), mask additive (B, 1, S or 1, T) -> context (B, S, D)."""
-        q = self.heads(self.query(x))  # (B, H, S, Dh)
+        One matmul against the concatenated key/value weights (the exporter folds the concat into a
+        single initializer): a wider matrix streams faster than two, and it is one node to quantize."""
+        kv = fused_linear(states, self.key, self.value)
+        k, v = kv.chunk(2, dim=-1)
+        return self.heads(k), self.heads(v)
+
+    def query_key_value(self, x: torch.Tensor) -> tuple[torch.Tensor, KV]:
+        """Self-attention: x (B, S, D) -> (q, (k, v)), each (B, H, S, Dh), from one fused matmul."""
+        q, k, v = fused_linear(x, self.query, self.key, self.value).chunk(3, dim=-1)
+        return self.heads(q), (self.heads(k), self.heads(v))
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               q: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, S, D), k/v (B, H, T, Dh), mask additive (B, 1, S or 1, T) -> context (B, S, D).
+        q (B, H, S, Dh): the queries when already computed (fused with k/v), else from x."""
+        if q is None:
+            q = self.heads(self.query(x))  # (B, H, S, Dh)
         scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # (B, H, S, T)
         if mask is not None:
             scores = scores + mask
         ctx = torch.matmul(scores.softmax(dim=-1), v)  # (B, H, S, Dh)
-        return ctx.transpose(1, 2).flatten(2)
+        return ctx.transpose(1, 2).reshape(x.shape[0], -1, self.num_heads * self.head_dim)
 
 
 class BlipTextSelfOutput(nn.Module):
@@ -105,11 +133,11 @@ class BlipTextLayer(nn.Module):
         """x (B, S, D); past k/v (B, H, P, Dh) or None; cross k/v (B, H, N, Dh) or None.
         Returns (x (B, S, D), present (k, v) each (B, H, P+S, Dh))."""
         att = self.attention.self
-        k, v = att.key_value(x)
+        q, (k, v) = att.query_key_value(x)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
-        x = self.attention.output(att.attend(x, k, v, self_mask), x)
+        x = self.attention.output(att.attend(x, k, v, self_mask, q), x)
         if cross is not None:
             x = self.crossattention.output(self.crossattention.self.attend(x, cross[0], cross[1], cross_mask), x)
         return self.output(self.intermediate(x), x), (k, v)

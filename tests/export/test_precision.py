@@ -250,3 +250,29 @@ def test_search_excludes_the_most_sensitive_groups(tmp_path):
     assert result["excluded_groups"] == ["a", "c"] and result["error"]["rel"] == pytest.approx(0.011)
     assert list(result["sensitivity"]) == ["a", "c", "b", "d"]
     assert search_exclusions(quantize, evaluate, groups, bound=0.1, workdir=tmp_path)["excluded_groups"] == []
+    # bound None (--quantize-all): no search even far out of bounds.
+    none = search_exclusions(quantize, evaluate, groups, bound=None, workdir=tmp_path)
+    assert none["excluded_groups"] == [] and none["error"]["rel"] == pytest.approx(0.081)
+
+
+def test_quantize_all_keeps_no_layer_in_fp32(bundles, tmp_path):
+    """--quantize-all: every const-weight MatMul is int8 whatever the error, and the manifest says so."""
+    data = convert_bundle(bundles("caption"), tmp_path / "all", "int8-cpu", holdout_images=images(2, seed=20),
+                          bound=None)
+    for name, entry in data["graphs"].items():
+        info = entry["precision"]
+        assert info["excluded_nodes"] == [] and info["exclusion_search"].startswith("off"), (name, info)
+        graph = onnx.load(str(tmp_path / "all" / entry["file"])).graph
+        consts = {i.name for i in graph.initializer}
+        fp32_weight_matmuls = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in consts]
+        assert not fp32_weight_matmuls, (name, fp32_weight_matmuls)
+    searched = bundles.manifests.get(("caption", "int8-cpu")) or load_manifest(bundles("caption", "int8-cpu")).data
+    assert all(e["precision"]["exclusion_search"] == "on" for e in searched["graphs"].values())
+
+
+def test_cli_quantize_all_needs_an_int8_precision(capsys, tmp_path):
+    from blip_export.cli import main
+
+    assert main(["caption", "--precision", "fp16", "--quantize-all", "-o", str(tmp_path / "b")]) == 2
+    assert "--quantize-all applies to --precision int8 or int8-cpu" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
