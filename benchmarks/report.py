@@ -22,7 +22,8 @@ STAGE_NAMES = {"preprocess": "preprocess", "vision": "vision", "text_encoder": "
                "cross_kv": "cross K/V", "decoder_step": "decoder steps"}
 UNITS = {"caption": "captions/s", "vqa": "answers/s", "itm": "pairs/s", "itc": "images/s"}
 MATMUL_OPS = {"MatMul", "FusedMatMul", "Gemm", "Conv"}
-TARGETS = {"caption_fp32": 1.8, "caption_int8": 5.0, "vision_share": 0.85, "decode_vs_read": 1.3, "batch8": 3.0}
+TARGETS = {"caption_fp32": 1.8, "caption_int8": 5.0, "vision_share": 0.85, "decode_vs_read": 1.3, "batch8": 3.0,
+           "int8_vs_fp32": 2.5}
 
 
 def model_facts(scale: str) -> dict:
@@ -147,6 +148,9 @@ def ratio(table, case, contender, base) -> float | None:
     return row[base]["median"] / row[contender]["median"] if contender in row and base in row else None
 
 
+ORT_CONTENDERS = ("ort-fp32", "ort-int8", "ort-int8-cpu", "ort-fp16")
+
+
 def targets(results, table, lf) -> list[tuple[str, str, bool | None]]:
     base = results["baseline"]
     r32 = ratio(table, "caption-greedy", "ort-fp32", base)
@@ -154,7 +158,14 @@ def targets(results, table, lf) -> list[tuple[str, str, bool | None]]:
     int8 = {c: r for c, r in int8.items() if r}
     best8 = max(int8, key=int8.get) if int8 else None
     r8 = int8.get(best8)
-    rb = ratio(table, "caption-batch8", "ort-fp32", base)
+    batch8 = {c: ratio(table, "caption-batch8", c, base) for c in ORT_CONTENDERS}
+    batch8 = {c: r for c, r in batch8.items() if r}
+    best_b = max(batch8, key=batch8.get) if batch8 else None
+    rb = batch8.get(best_b)
+    fp32_s = table.get("caption-greedy", {}).get("ort-fp32", {}).get("median")
+    over32 = {c: fp32_s / table["caption-greedy"][c]["median"] for c in int8 if fp32_s}
+    best_o = max(over32, key=over32.get) if over32 else None
+    ro = over32.get(best_o)
     share = lf.get("ort-fp32/vision_gflops", 0) / lf["rate"] if "ort-fp32/vision_gflops" in lf else None
     dec = lf["ort-fp32/per_token"] / lf["read_s"] if lf.get("ort-fp32/per_token") else None
     check = lambda v, t: None if v is None else v >= t  # noqa: E731
@@ -170,8 +181,12 @@ def targets(results, table, lf) -> list[tuple[str, str, bool | None]]:
         ("fp32 decode step ≤ 1.3× the time to read the decoder's weights once",
          f"{dec:.2f}× ({fmt_s(lf['ort-fp32/per_token'])} vs {fmt_s(lf['read_s'])})" if dec else "not measured",
          None if dec is None else dec <= TARGETS["decode_vs_read"]),
-        ("caption batch 8 throughput, ORT fp32 ≥ 3× transformers batched",
-         f"{rb:.2f}×" if rb else "not measured", check(rb, TARGETS["batch8"])),
+        ("caption batch 8 throughput ≥ 3× transformers batched",
+         f"{rb:.2f}× ({best_b}; " + ", ".join(f"{c} {r:.2f}×" for c, r in batch8.items()) + ")" if rb
+         else "not measured", check(rb, TARGETS["batch8"])),
+        ("caption batch 1 greedy, int8 ≥ 2.5× faster than ORT fp32 end to end",
+         f"{ro:.2f}× ({best_o}; " + ", ".join(f"{c} {r:.2f}×" for c, r in over32.items()) + ")" if ro
+         else "not measured", check(ro, TARGETS["int8_vs_fp32"])),
     ]
 
 

@@ -56,19 +56,21 @@ class TextFeaturesGraph(nn.Module):
 
 
 class CrossKVGraph(nn.Module):
-    """encoder_states [B,N,De] -> cross_key.i, cross_value.i [B,H,N,Dh] for every decoder layer."""
+    """encoder_states [B,N,De] -> cross_key.i [B,H,Dh,N] (transposed: each decoding step then runs a
+    plain matmul against it) and cross_value.i [B,H,N,Dh], for every decoder layer."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.decoder = model.text_decoder
 
     def forward(self, encoder_states):
-        return tuple(t for kv in self.decoder.bert.cross_key_values(encoder_states) for t in kv)
+        kv = self.decoder.bert.cross_key_values(encoder_states)
+        return tuple(t for k, v in kv for t in (k.transpose(-1, -2), v))
 
 
 class DecoderStepGraph(nn.Module):
     """(input_ids [R,S], attention_mask [R,P+S], position_ids [R,S], encoder_attention_mask [R,N],
-    beam_idx [R], past K/V [R,H,P,Dh] x 2L, cross K/V [R,H,N,Dh] x 2L)
+    beam_idx [R], past K/V [R,H,P,Dh] x 2L, cross keys [R,H,Dh,N] and values [R,H,N,Dh] x L)
     -> (logits of the last position [R,V], present K/V [R,H,P+S,Dh] x 2L)."""
 
     def __init__(self, model: nn.Module):
@@ -79,7 +81,9 @@ class DecoderStepGraph(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, encoder_attention_mask, beam_idx, *kv):
         L = self.num_layers
         past = [(kv[2 * i].index_select(0, beam_idx), kv[2 * i + 1].index_select(0, beam_idx)) for i in range(L)]
-        cross = [(kv[2 * L + 2 * i], kv[2 * L + 2 * i + 1]) for i in range(L)]
+        # Keys arrive transposed; attention transposes them back, and ONNX Runtime / TensorRT cancel
+        # the transpose pair, leaving q @ key_t.
+        cross = [(kv[2 * L + 2 * i].transpose(-1, -2), kv[2 * L + 2 * i + 1]) for i in range(L)]
         logits, present = self.decoder(
             input_ids,
             attention_mask,

@@ -118,6 +118,12 @@ def kv_names(prefix: str, num_layers: int) -> list[str]:
     return [f"{prefix}_{kind}.{i}" for i in range(num_layers) for kind in ("key", "value")]
 
 
+def cross_specs(rows, heads: int, head_dim: int, layers: int) -> list[TensorSpec]:
+    """cross_key.i [rows, H, Dh, enc] (transposed) and cross_value.i [rows, H, enc, Dh], layer by layer."""
+    return [TensorSpec(n, "float32", (rows, heads, head_dim, ENC) if n.startswith("cross_key") else (rows, heads, ENC, head_dim))
+            for n in kv_names("cross", layers)]
+
+
 def blip_graphs(dims: Dims, tasks: set[str], architecture: str) -> dict[str, GraphSpec]:
     """The graphs a BLIP checkpoint needs for `tasks` (subset of caption, vqa, itm, itc)."""
     f32, i64 = "float32", "int64"
@@ -149,13 +155,14 @@ def blip_graphs(dims: Dims, tasks: set[str], architecture: str) -> dict[str, Gra
         )
     if "caption" in tasks or "vqa" in tasks:
         enc_width = dims.text_hidden if "vqa" in tasks else dims.vision_hidden
-        cross = [TensorSpec(n, f32, (BATCH, H, ENC, Dh)) for n in kv_names("cross", L)]
+        cross = cross_specs(BATCH, H, Dh, L)
         graphs["cross_kv"] = GraphSpec(
             "cross_kv",
             (TensorSpec("encoder_states", f32, (BATCH, ENC, enc_width)),),
             tuple(cross),
             "Per-layer cross-attention K/V of the decoder over the image (caption) or question (VQA) states; "
-            "computed once per request.",
+            "computed once per request. Keys come transposed ([.., Dh, enc]) so each decoding step's "
+            "scores are a plain matmul, not a transposed-operand one.",
         )
         rows = "rows"  # batch x beams
         graphs["decoder_step"] = GraphSpec(
@@ -167,7 +174,7 @@ def blip_graphs(dims: Dims, tasks: set[str], architecture: str) -> dict[str, Gra
                 TensorSpec("encoder_attention_mask", i64, (rows, ENC)),
                 TensorSpec("beam_idx", i64, (rows,)),
                 *[TensorSpec(n, f32, (rows, H, PAST, Dh)) for n in kv_names("past", L)],
-                *[TensorSpec(n, f32, (rows, H, ENC, Dh)) for n in kv_names("cross", L)],
+                *cross_specs(rows, H, Dh, L),
             ),
             (
                 TensorSpec("logits", f32, (rows, dims.vocab_size)),

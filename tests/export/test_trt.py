@@ -145,6 +145,8 @@ def _fixed(name: str, d) -> dict[int, int]:
         return {1: d.num_image_tokens, 2: d.vision_hidden}
     if name == "encoder_states":
         return {}  # width checked below: vision (caption) or text (VQA) hidden size
+    if name.startswith("cross_key"):  # transposed: [rows, H, Dh, enc]
+        return {1: d.num_heads, 2: d.head_dim}
     if name.startswith(("past_", "cross_")):
         return {1: d.num_heads, 3: d.head_dim}
     return {}
