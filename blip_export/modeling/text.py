@@ -72,8 +72,9 @@ class BlipTextSelfAttention(nn.Module):
 
         One matmul against the concatenated key/value weights (the exporter folds the concat into a
         single initializer): a wider matrix streams faster than two, and it is one node to quantize."""
-        kv = fused_linear(states, self.key, self.value)
-        k, v = kv.chunk(2, dim=-1)
+        if not exporting():
+            return self.heads(self.key(states)), self.heads(self.value(states))
+        k, v = fused_linear(states, self.key, self.value).chunk(2, dim=-1)
         return self.heads(k), self.heads(v)
 
     def query_key_value(self, x: torch.Tensor) -> tuple[torch.Tensor, KV]:
@@ -91,7 +92,7 @@ class BlipTextSelfAttention(nn.Module):
         MatMul + Div (measured on a decoder step's cross-attention). For Dh a power of 4 (64 in BLIP)
         the scale is a power of two and the folded graph computes exactly the same numbers."""
         if q is None:
-            q = self.heads(fused_linear(x, self.query, first_scale=self.scale))  # (B, H, S, Dh)
+            q = self.heads(fused_linear(x, self.query, first_scale=self.scale) if exporting() else self.query(x))
         scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H, S, T)
         if not exporting():
             scores = scores / math.sqrt(self.head_dim)
@@ -148,7 +149,9 @@ class BlipTextLayer(nn.Module):
         """x (B, S, D); past k/v (B, H, P, Dh) or None; cross k/v (B, H, N, Dh) or None.
         Returns (x (B, S, D), present (k, v) each (B, H, P+S, Dh))."""
         att = self.attention.self
-        q, (k, v) = att.query_key_value(x)
+        # Exported: one fused Q/K/V matmul. Eager: the separate projections in transformers' order, so
+        # training (train.py) stays bitwise what it was (autograd sums gradients in graph order).
+        q, (k, v) = att.query_key_value(x) if exporting() else (None, att.key_value(x))
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
