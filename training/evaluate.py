@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the packages, also when not pip-installed
 sys.path.insert(0, str(ROOT / "training"))
 
 from data import caption_correct, load_split  # noqa: E402
