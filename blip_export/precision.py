@@ -33,7 +33,7 @@ from .bundle import ExportError
 from .files import replace_dir, sha256
 from .calibration import calibration_feeds, compare_runtimes
 from .measure import check_typed, graph_errors, ort_session, run_all, set_metadata, tensor_types
-from .quantize import HOLDOUT_FRACTION, INT8_BOUND, graph_bound, to_int8, to_int8_cpu
+from .quantize import HOLDOUT_FRACTION, INT8_BOUND, to_int8, to_int8_cpu
 
 # fp32 islands of the fp16 graphs, by op type. Why each:
 # - LayerNormalization: the variance is a mean of squares; fp16 overflows once |x| passes ~256 and
@@ -215,8 +215,7 @@ def convert_bundle(
     or for int8 the last quarter of calib_images; fp16 and int8-cpu calibrate nothing and measure on
     all the images given (synthetic ones when none are: synthetic_images).
     bound: the largest relative error an int8 graph may have on held-out feeds before layer groups
-    are kept in fp32 (quantize.search_exclusions; graphs with ITC feature outputs are held to the
-    tighter quantize.INT8_FEATURE_BOUND); None quantizes every layer with no search (the
+    are kept in fp32 (quantize.search_exclusions); None quantizes every layer with no search (the
     layers excluded by rule stay excluded); method: int8 calibration (minmax, percentile, entropy).
     """
     say = progress or (lambda msg: None)
@@ -252,13 +251,12 @@ def convert_bundle(
             say(f"{precision}: {name}")
             if name not in held:
                 raise ExportError(f"{name}: the held-out run never fed this graph")
-            limit = graph_bound(bound, [o["name"] for o in entry["io"]["outputs"]])
             if precision == "fp16":
                 info = to_fp16(source, target, name)
             elif precision == "int8":
-                info = to_int8(source, target, name, calib[name], held[name], bound=limit, method=method, progress=say)
+                info = to_int8(source, target, name, calib[name], held[name], bound=bound, method=method, progress=say)
             else:
-                info = to_int8_cpu(source, target, name, held[name], bound=limit, progress=say)
+                info = to_int8_cpu(source, target, name, held[name], bound=bound, progress=say)
             accuracy[name] = graph_errors(run_all(ort_session(target), held[name]), run_all(ort_session(source), held[name]))
             say(f"{name}: max abs {accuracy[name]['max_abs']:.3e}, relative {accuracy[name]['rel']:.3e}")
             graphs[name] = {**entry, "sha256": sha256(target), "precision": info}

@@ -38,20 +38,6 @@ INT8_BOUND = 0.05  # default bound of a graph's relative error vs fp32 (max|a-b|
 # ... and for graphs with logits, the least fraction of rows whose argmax (the greedy token) agrees
 # with fp32: the relative error alone says little where logit margins are small.
 INT8_MIN_TOP1 = 0.98
-# Graphs that output ITC features (image_feat, text_feat) get a tighter bound: retrieval ranks by
-# cosine similarities that differ in the second decimal. Measured on the easy-VQA retrieval model:
-# image features at 0.6% relative error (int8-cpu) keep R@1 within 0.1 point of fp32, at 1.6%
-# (int8 Q/DQ with the default bound) it lost 1.2 / 1.7 points.
-INT8_FEATURE_BOUND = 0.006
-FEATURE_OUTPUTS = ("image_feat", "text_feat")
-
-
-def graph_bound(bound: float | None, outputs: Iterable[str]) -> float | None:
-    """The error bound for one graph: `bound`, tightened to INT8_FEATURE_BOUND for graphs with ITC
-    feature outputs; None (quantize everything, no search) stays None."""
-    if bound is None or not set(outputs) & set(FEATURE_OUTPUTS):
-        return bound
-    return min(bound, INT8_FEATURE_BOUND)
 HOLDOUT_FRACTION = 0.25  # of the feeds given, held out to measure errors when no held-out feeds are given
 
 
