@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,31 @@ class Manifest:
 
     def graph_path(self, name: str) -> Path:
         return self.folder / self.data["graphs"][name]["file"]
+
+    def verify_files(self) -> None:
+        """Check every graph (or engine) and the tokenizer against the SHA-256 the exporter recorded,
+        so a file changed or truncated after export fails here with its name, not deep inside ONNX
+        Runtime or TensorRT. Entries without a recorded digest are skipped."""
+        entries = [*self.data["graphs"].values(), self.data["tokenizer"]]
+        for entry in entries:
+            want = entry.get("sha256")
+            if not want:
+                continue
+            file = self.folder / entry["file"]
+            got = _sha256(file)
+            if got != want:
+                raise BundleError(
+                    f"{file}: SHA-256 {got[:12]}... differs from the manifest's {want[:12]}...; the file changed "
+                    "after export: re-export the bundle (or load with verify=False to run it anyway)"
+                )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load_manifest(folder: str | Path) -> Manifest:

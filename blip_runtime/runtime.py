@@ -110,10 +110,14 @@ class BlipRuntime:
         self.special = manifest.special_tokens
 
     @classmethod
-    def load(cls, bundle_dir: str | Path, providers: list | None = None, threads: int | None = None) -> "BlipRuntime":
+    def load(cls, bundle_dir: str | Path, providers: list | None = None, threads: int | None = None,
+             verify: bool = True) -> "BlipRuntime":
         """`providers`: ONNX Runtime execution providers (CPU by default); a TensorRT engine
-        bundle (target "trt") runs on TensorRT directly and takes none."""
+        bundle (target "trt") runs on TensorRT directly and takes none. `verify`: check each file
+        against the manifest's SHA-256 first (about a second per GB)."""
         manifest = load_manifest(bundle_dir)
+        if verify:
+            manifest.verify_files()
         if manifest.data.get("target", "onnx") == "trt":
             from .trt_session import TrtSession
 

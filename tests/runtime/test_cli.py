@@ -212,7 +212,22 @@ def test_corrupt_graph(capsys, bundles, images, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(bundles["caption"], broken)
     (broken / "vision.onnx").write_bytes(b"not a protobuf")
-    one_line_error(*run(capsys, broken, "caption", images[0]), str(broken))
+    one_line_error(*run(capsys, broken, "caption", images[0]), str(broken / "vision.onnx"), "SHA-256", "re-export")
+
+
+def test_changed_file_is_refused_unless_verify_is_off(bundles, tmp_path):
+    """A file that differs from the manifest's digest stops the load with its name; verify=False
+    runs it anyway (here a tokenizer.json with extra whitespace, which still parses)."""
+    import shutil
+
+    from blip_runtime.manifest import BundleError
+
+    changed = tmp_path / "changed"
+    shutil.copytree(bundles["caption"], changed)
+    (changed / "tokenizer.json").write_text((changed / "tokenizer.json").read_text() + "\n")
+    with pytest.raises(BundleError, match=r"tokenizer\.json: SHA-256 .* differs from the manifest"):
+        BlipRuntime.load(changed)
+    assert BlipRuntime.load(changed, verify=False).tasks == ["caption"]
 
 
 def test_task_the_bundle_lacks(capsys, bundles, images):
