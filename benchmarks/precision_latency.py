@@ -84,7 +84,7 @@ def main() -> None:
             print(f"{graph:13s} {name:24s} median {rows[-1][2]:8.1f} ms, min {rows[-1][3]:8.1f} ms, "
                   f"rel err {rows[-1][4]:.2e}, {rows[-1][5]:6.1f} MiB", flush=True)
         del sessions
-    print(f"\n| graph | form | median ms | min ms | relative error | file MiB |\n|---|---|---|---|---|---|")
+    print("\n| graph | form | median ms | min ms | relative error | file MiB |\n|---|---|---|---|---|---|")
     for graph, name, med, low, rel, mib in rows:
         print(f"| {graph} | {name} | {med:.1f} | {low:.1f} | {rel:.2e} | {mib:.0f} |")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from blip_export import CheckpointError, load_model, read_config
-from oracle import assert_close, hf_config, make_checkpoint
+from oracle import assert_close, make_checkpoint
 
 ARCH = "BlipForConditionalGeneration"
 

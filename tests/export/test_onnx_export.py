@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from blip_export import load_model
-from blip_export.bundle import export_bundle, model_dims
+from blip_export.bundle import export_bundle
 from blip_export.cli import main as export_main
 from blip_export.onnx_export import compare, reference_outputs
 from blip_runtime.graphs import BATCH, ENC, PAST, TEXT, Limits, profile_shapes, random_feeds
