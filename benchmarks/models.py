@@ -96,15 +96,15 @@ def make(scale: str, model: str, kind: str) -> str | None:
         build_engines(src, dst, Limits())
         return None
     try:
-        from blip_export.precision import convert_bundle
+        from blip_export.precision import INT8_BOUND, convert_bundle
     except ImportError as e:
         return f"skipped: blip_export.precision.convert_bundle is not available ({e})"
     # int8 forms quantize every layer (blip-export --quantize-all): on re-randomized weights the
     # exclusion search keeps layers in fp32 that a trained model quantizes (on the easy-VQA default
     # model it keeps no layer group of any graph in fp32, see the README table), so the search would
     # measure the weights' randomness instead of the speed of the int8 graph.
-    extra = {"bound": None} if kind.startswith("int8") else {}
-    convert_bundle(bundle(scale, model, "fp32"), dst, kind, images(len(CALIB_TEXTS), seed=100), CALIB_TEXTS, **extra)
+    bound = None if kind.startswith("int8") else INT8_BOUND
+    convert_bundle(bundle(scale, model, "fp32"), dst, kind, images(len(CALIB_TEXTS), seed=100), CALIB_TEXTS, bound=bound)
     return None
 
 

@@ -3,18 +3,13 @@ target device (a Jetson, say) from an ONNX bundle, where torch may not be instal
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
 
+from blip_runtime.manifest import sha256  # one digest for writing and for verifying bundles
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+__all__ = ["replace_dir", "sha256"]
 
 
 def replace_dir(tmp: Path, dest: Path) -> None:

@@ -79,11 +79,11 @@ def export(
         report = export_bundle(checkpoint, work / "fp32", tasks, "fp32", limits, progress=progress)
         onnx_bundle = work / "fp32"
         if precision != "fp32":
-            from .precision import convert_bundle
+            from .precision import INT8_BOUND, convert_bundle
 
             onnx_bundle = dest if target == "onnx" else work / precision
-            extra = {"bound": None} if quantize_all else {}
-            data = convert_bundle(work / "fp32", onnx_bundle, precision, calib_images=calib, progress=progress, **extra)
+            data = convert_bundle(work / "fp32", onnx_bundle, precision, calib_images=calib,
+                                  bound=None if quantize_all else INT8_BOUND, progress=progress)
             report.accuracy = data.get("accuracy")
         if build_engines is not None:
             from .trt_build import TrtBuildError, default_timing_cache

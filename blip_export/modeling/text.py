@@ -28,12 +28,10 @@ def exporting() -> bool:
 
 def fused_linear(x: torch.Tensor, *linears: nn.Linear, first_scale: float = 1.0) -> torch.Tensor:
     """x @ [W1; W2; ...]^T + [b1; b2; ...]: several Linears of the same input, outputs concatenated on
-    the last axis. In an ONNX export this is one MatMul against one folded initializer (a wider
-    matrix streams faster than several narrow ones, and is one node to quantize), with the first
-    Linear's weight and bias multiplied by `first_scale`; in eager mode the Linears run separately
-    and `first_scale` is not applied."""
-    if not exporting():
-        return torch.cat([lin(x) for lin in linears], dim=-1)
+    the last axis, the first Linear's weight and bias multiplied by `first_scale`. For exported
+    graphs only (callers check exporting()): the exporter folds the concatenation into one
+    initializer, so this is one MatMul (a wider matrix streams faster than several narrow ones, and
+    is one node to quantize)."""
     weight = torch.cat([linears[0].weight * first_scale, *[lin.weight for lin in linears[1:]]], dim=0)
     bias = torch.cat([linears[0].bias * first_scale, *[lin.bias for lin in linears[1:]]], dim=0)
     return F.linear(x, weight, bias)
