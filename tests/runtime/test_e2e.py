@@ -168,6 +168,15 @@ def test_wrong_task_and_bad_input(caption):
         caption.rt.caption(images(1), beams=3)
 
 
+def test_only_the_decoding_loop_spins(caption):
+    """Thread pools spin-wait only in the decoding loop's graph (see OrtSession)."""
+    sessions = caption.rt.session.sessions
+    assert {"vision", "cross_kv", "decoder_step"} <= sessions.keys()
+    spins = {name: s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+             for name, s in sessions.items()}
+    assert spins == {name: "1" if name == "decoder_step" else "0" for name in sessions}
+
+
 @pytest.mark.slow
 def test_blip_base_size_caption(tmp_path):
     """577 image tokens, 30524-token vocabulary, 12 layers: greedy and 3-beam captions."""
