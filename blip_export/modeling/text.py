@@ -15,15 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
-from .common import activation, causal_padding_mask, padding_mask
+from .common import activation, causal_padding_mask, exporting, padding_mask
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (B, H, T, Dh)
-
-
-def exporting() -> bool:
-    """True while torch.onnx traces the module: the graph-only rewrites below apply then. In eager
-    mode the modules compute exactly as transformers does, so training and parity stay bit for bit."""
-    return torch.onnx.is_in_onnx_export()
 
 
 def fused_linear(x: torch.Tensor, *linears: nn.Linear, first_scale: float = 1.0) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..config import VisionConfig
-from .common import activation
+from .common import MultiHeadAttention, activation, use_ort_attention
 
 
 class BlipVisionEmbeddings(nn.Module):
@@ -34,6 +34,9 @@ class BlipAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
+        if use_ort_attention():
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            return self.projection(MultiHeadAttention.apply(q, k, v, self.num_heads))
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, N, Dh)
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.head_dim**-0.5  # (B, H, N, N)

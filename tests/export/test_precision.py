@@ -59,10 +59,14 @@ class Bundles:
                 arch, seed = MODELS[model]
                 make_full_checkpoint(arch, self.root / f"{model}-ckpt", seed=seed, std=0.1)
                 export_bundle(self.root / f"{model}-ckpt", dst)
+            elif precision == "fp32-ort":  # what blip-export converts int8-cpu from
+                self(model)
+                export_bundle(self.root / f"{model}-ckpt", dst, ort_attention=True)
             else:
                 # Calibrate on 8 images, measure on 4 others; int8-cpu and fp16 calibrate nothing.
+                source = self(model, "fp32-ort" if precision == "int8-cpu" else "fp32")
                 self.manifests[key] = convert_bundle(
-                    self(model), dst, precision, images(8, seed=10), TEXTS,
+                    source, dst, precision, images(8, seed=10), TEXTS,
                     holdout_images=images(4, seed=20), holdout_texts=TEXTS[::-1][:4],
                 )
             self.made[key] = dst
@@ -173,9 +177,34 @@ def test_int8_graphs_carry_symmetric_per_channel_qdq(bundles, model):
 
 def test_int8_cpu_is_dynamic_quantization(bundles):
     manifest = load_manifest(bundles("caption", "int8-cpu"))
+    assert manifest.data["attention_op"] == "com.microsoft.MultiHeadAttention"
     for name in manifest.graphs:
         ops = {n.op_type for n in onnx.load(str(manifest.graph_path(name))).graph.node}
         assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"} and "DynamicQuantizeLinear" in ops, (name, ops)
+        assert ("MultiHeadAttention" in ops) == (name == "vision"), (name, ops)
+
+
+@pytest.mark.parametrize("model", ["caption", "itr"])
+def test_ort_attention_export(bundles, model):
+    """export_bundle(ort_attention=True): the vision graph's attention is one com.microsoft node per
+    layer, its outputs equal the standard graph's on fresh images, the other graphs are unchanged,
+    and TensorRT's operator check refuses the graph."""
+    from blip_export.trt_onnx_support import problems
+
+    std, ort_ = load_manifest(bundles(model)), load_manifest(bundles(model, "fp32-ort"))
+    assert ort_.data["attention_op"] == "com.microsoft.MultiHeadAttention" and "attention_op" not in std.data
+    vision = onnx.load(str(ort_.graph_path("vision")))
+    mha = [n for n in vision.graph.node if n.op_type == "MultiHeadAttention"]
+    layers = json.loads((bundles.root / f"{model}-ckpt" / "config.json").read_text())["vision_config"]["num_hidden_layers"]
+    assert len(mha) == layers and all(n.domain == "com.microsoft" for n in mha)
+    assert not [n for n in vision.graph.node if n.op_type == "Softmax"], "no attention left in standard ops"
+    assert any("MultiHeadAttention" in p for p in problems(vision))
+    feeds = calibration_feeds(bundles(model), images(3, seed=41), TEXTS[:3], max_new_tokens=4)
+    for name in std.graphs:
+        err = graph_errors(run_all(ort_session(ort_.graph_path(name)), feeds[name]),
+                           run_all(ort_session(std.graph_path(name)), feeds[name]))
+        print(f"{model} {name} ort attention vs standard: max abs {err['max_abs']:.2e}, relative {err['rel']:.2e}")
+        assert err["rel"] < 1e-5, (name, err)
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
