@@ -179,9 +179,16 @@ def test_int8_cpu_is_dynamic_quantization(bundles):
     manifest = load_manifest(bundles("caption", "int8-cpu"))
     assert manifest.data["attention_op"] == "com.microsoft.MultiHeadAttention"
     for name in manifest.graphs:
-        ops = {n.op_type for n in onnx.load(str(manifest.graph_path(name))).graph.node}
-        assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"} and "DynamicQuantizeLinear" in ops, (name, ops)
+        nodes = onnx.load(str(manifest.graph_path(name))).graph.node
+        ops = {n.op_type for n in nodes}
         assert ("MultiHeadAttention" in ops) == (name == "vision"), (name, ops)
+        if name == "decoder_step":  # a few rows per call: 8-bit MatMulNBits, int8 compute
+            nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
+            attrs = [{a.name: a.i for a in n.attribute} for n in nbits]
+            assert nbits and all(a["bits"] == 8 and a["accuracy_level"] == 4 and a["block_size"] == 128 for a in attrs)
+            assert manifest.data["graphs"][name]["precision"]["format"] == "ort-matmulnbits-int8"
+        else:
+            assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"} and "DynamicQuantizeLinear" in ops, (name, ops)
 
 
 @pytest.mark.parametrize("model", ["caption", "itr"])
