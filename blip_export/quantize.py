@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -317,8 +318,9 @@ def to_int8_cpu(
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    MatMulNBitsQuantizer = _nbits_quantizer()
 
     say = progress or (lambda msg: None)
     held = list(feeds)
@@ -332,7 +334,8 @@ def to_int8_cpu(
             if gemv:
                 q = MatMulNBitsQuantizer(onnx.load(str(pre)), bits=8, block_size=NBITS_BLOCK, is_symmetric=True,
                                          accuracy_level=4, nodes_to_exclude=exclude)
-                q.process()
+                with _quiet("onnxruntime.quantization.matmul_nbits_quantizer"):
+                    q.process()
                 q.model.save_model_to_file(str(out), use_external_data_format=False)
                 return
             quantize_dynamic(
@@ -346,6 +349,35 @@ def to_int8_cpu(
             else {"format": "ort-dynamic-u8s8"})
     return {"precision": "int8-cpu", **form, "graph": graph,
             "measured_on_feeds": len(held), **_describe(result, bound, min_top1)}
+
+
+def _nbits_quantizer():
+    """onnxruntime's MatMulNBitsQuantizer class. Its module calls logging.basicConfig(level=INFO) when
+    imported, which would turn on INFO logging for the whole host process (one line per node of
+    every graph we quantize): a handler on the root logger during the import makes that a no-op."""
+    import logging
+
+    root, guard = logging.getLogger(), logging.NullHandler()
+    root.addHandler(guard)
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    finally:
+        root.removeHandler(guard)
+    return MatMulNBitsQuantizer
+
+
+@contextmanager
+def _quiet(logger_name: str):
+    """The named logger at WARNING for the block (MatMulNBitsQuantizer logs every node at INFO)."""
+    import logging
+
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _search(src, pre, quantize, held, bounds, granularity, work, say, const_weight_only, fixed) -> dict:

@@ -10,6 +10,7 @@ agreement a harsh measure here. Every error is printed.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -313,3 +314,16 @@ def test_cli_quantize_all_needs_an_int8_precision(capsys, tmp_path):
     assert "--quantize-all applies to --precision int8 or int8-cpu" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
 
+
+
+def test_nbits_quantizer_import_leaves_logging_alone():
+    """onnxruntime's matmul_nbits_quantizer calls logging.basicConfig(level=INFO) on import; ours
+    must not turn on INFO logging in the host process (fresh interpreter: pytest has its own handlers)."""
+    import subprocess
+    import sys
+
+    code = ("import logging; from blip_export.quantize import _nbits_quantizer; _nbits_quantizer(); "
+            "root = logging.getLogger(); print(len(root.handlers), root.level)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout.split()
+    assert out == ["0", str(logging.WARNING)], out
