@@ -6,8 +6,10 @@
 2. machine limits: matmul rate and memory bandwidth (benchmarks.limits);
 3. each available contender on each model's cases, one subprocess per (contender, model) so peak
    memory is its own (benchmarks.worker);
-4. ONNX Runtime per-op profiles of the vision and decoder-step graphs (benchmarks.profile_ort);
-5. the report (benchmarks.report).
+4. ort-fp32 and ort-int8-cpu alternating in one process on caption-greedy, for the int8-vs-fp32
+   ratio on one and the same machine state (benchmarks.paired);
+5. ONNX Runtime per-op profiles of the vision and decoder-step graphs (benchmarks.profile_ort);
+6. the report (benchmarks.report).
 
 Every step that measures runs in a fresh process, one at a time: the numbers are only worth
 something on an otherwise idle machine, so other processes' CPU use is sampled throughout the run.
@@ -28,7 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import models, report
+from . import models, paired, report
 from .cases import CASES, MODELS, WARMUP
 from .contenders import BASELINE, CONTENDERS, THREADS
 
@@ -179,6 +181,16 @@ def main(argv=None) -> int:
                 results["workers"].append(run_worker(name, model, args, bar, logs / f"{name}-{model}.log"))
             except RuntimeError as e:
                 results["failures"][f"{name}/{model}"] = str(e)
+                bar.write(f"FAILED: {e}")
+        pair = [c for c in ("ort-fp32", "ort-int8-cpu") if c in wanted and (c, "caption") in jobs]
+        if len(pair) == 2 and (chosen is None or "caption-greedy" in chosen):
+            bar.set_postfix_str("paired int8 vs fp32")
+            rounds = ["--rounds", "2" if args.scale == "tiny" else str(paired.ROUNDS)]
+            try:
+                results["paired"] = run_json("paired", ["--scale", args.scale, *rounds], logs / "paired.json",
+                                             logs / "paired.log")
+            except RuntimeError as e:
+                results["failures"]["paired"] = str(e)
                 bar.write(f"FAILED: {e}")
         bar.set_postfix_str("ORT profiles")
         profile_args = ["--scale", args.scale] + ([] if args.no_fusions else ["--fusions"])

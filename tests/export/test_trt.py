@@ -118,7 +118,7 @@ def test_checker_accepts_qdq_int8_and_fp16():
 @pytest.mark.parametrize("graph", ["vision", "decoder_step"])
 def test_converted_precisions(bundles, tmp_path, graph):
     """The fp16 (fp32 islands) and int8 (Q/DQ) forms of a graph are strongly typed graphs TensorRT
-    parses; the int8-cpu form (ONNX Runtime's dynamic quantization) is not, and is refused."""
+    parses; the int8-cpu form (ONNX Runtime's own int8 operators) is not, and is refused."""
     from blip_export.precision import to_fp16
     from blip_export.quantize import to_int8, to_int8_cpu
 
@@ -133,7 +133,10 @@ def test_converted_precisions(bundles, tmp_path, graph):
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in int8.graph.node}
     assert problems(fp16) == [] and problems(int8) == []
     refused = problems(onnx.load(str(tmp_path / "int8-cpu.onnx")))
-    assert refused and "operator not supported" in refused[0], refused[:3]
+    # MatMulInteger (vision) is outside the parser's operator list; the decoder step's MatMulNBits is
+    # ONNX Runtime's com.microsoft domain, which TensorRT reads only through a plugin
+    why = "needs a TensorRT plugin" if graph == "decoder_step" else "operator not supported"
+    assert refused and why in refused[0], refused[:3]
 
 
 # -- (b) optimization profiles -------------------------------------------------------------------
