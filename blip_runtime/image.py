@@ -199,12 +199,25 @@ def preprocess(images: list, settings: ImageSettings = ImageSettings()) -> np.nd
     if len(shapes) > 1:
         raise ValueError(f"images differ in size with do_resize=False: {sorted(shapes)}")
     x = np.stack(rgb).transpose(0, 3, 1, 2)  # (B, 3, H, W) uint8
+    # A uint8 pixel has 256 values: rescale and normalize them once per channel and look the
+    # pixels up (twice as fast as computing per pixel, and the same float32 numbers bit for bit).
+    table = pixel_table(settings)  # (3, 256) float32
+    out = np.empty(x.shape, dtype=np.float32)
+    for c in range(3):
+        np.take(table[c], x[:, c], out=out[:, c])
+    return out
+
+
+def pixel_table(settings: ImageSettings) -> np.ndarray:
+    """float32 (3, 256): what rescale + normalize make of each uint8 value, per channel, computed
+    as transformers computes it per pixel."""
+    v = np.arange(256, dtype=np.uint8)
     if settings.do_rescale:
         # transformers upcasts to float64 before scaling and casts to float32 after.
-        x = (x.astype(np.float64) * settings.rescale_factor).astype(np.float32)
-    x = x.astype(np.float32, copy=False)
+        v = (v.astype(np.float64) * settings.rescale_factor).astype(np.float32)
+    v = np.broadcast_to(v.astype(np.float32, copy=False), (3, 256))
     if settings.do_normalize:
-        mean = np.asarray(settings.mean, dtype=np.float32).reshape(1, 3, 1, 1)
-        std = np.asarray(settings.std, dtype=np.float32).reshape(1, 3, 1, 1)
-        x = (x - mean) / std  # float32 throughout, as transformers' normalize
-    return np.ascontiguousarray(x)
+        mean = np.asarray(settings.mean, dtype=np.float32).reshape(3, 1)
+        std = np.asarray(settings.std, dtype=np.float32).reshape(3, 1)
+        v = (v - mean) / std  # float32 throughout, as transformers' normalize
+    return np.ascontiguousarray(v, dtype=np.float32)

@@ -194,3 +194,21 @@ def test_runtime_imports_without_torch():
     root = Path(__file__).resolve().parents[2]
     r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(do_rescale=False), dict(do_normalize=False),
+                                    dict(rescale_factor=1 / 127.5, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4))])
+def test_lookup_table_equals_per_pixel_arithmetic(kwargs):
+    """preprocess looks pixels up in pixel_table; that must give the per-pixel float32 arithmetic
+    (float64 rescale, float32 normalize, as transformers computes) bit for bit, for every uint8 value."""
+    from blip_runtime.image import pixel_table
+
+    s = ImageSettings(**kwargs)
+    x = np.arange(256, dtype=np.uint8)
+    v = (x.astype(np.float64) * s.rescale_factor).astype(np.float32) if s.do_rescale else x.astype(np.float32)
+    want = np.stack([(v - np.float32(m)) / np.float32(d) for m, d in zip(s.mean, s.std)]) if s.do_normalize \
+        else np.stack([v] * 3)
+    assert pixel_table(s).dtype == np.float32 and np.array_equal(pixel_table(s), want)
+    img = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    got = preprocess([img], ImageSettings(**kwargs, do_resize=False))
+    assert np.array_equal(got[0], want[np.arange(3)[:, None, None], img.transpose(2, 0, 1)])
