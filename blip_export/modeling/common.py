@@ -22,8 +22,9 @@ def exporting() -> bool:
 def ort_attention():
     """Within this block, exported vision graphs compute self-attention with ONNX Runtime's
     com.microsoft.MultiHeadAttention instead of standard ONNX ops: one kernel for the head split,
-    both attention matmuls, the softmax and the head merge (the vision graph at 577 tokens ran 8-9%
-    faster on 2 CPU cores, int8-cpu and fp32 alike, with outputs within 4e-6 of the standard graph).
+    both attention matmuls, the softmax and the head merge (the vision graph alone at 577 tokens ran
+    4-8% faster on 2 CPU cores across A/B runs, int8-cpu and fp32 alike, with outputs within 4e-6 of
+    the standard graph).
     Graphs exported this way run on ONNX Runtime only: TensorRT's parser has no such operator, so
     only ONNX Runtime forms (int8-cpu) use it. Eager mode is unaffected."""
     _ORT_ATTENTION[0] = True
