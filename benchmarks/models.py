@@ -105,15 +105,15 @@ def make(scale: str, model: str, kind: str) -> str | None:
     # model it keeps no layer group of any graph in fp32, see the README table), so the search would
     # measure the weights' randomness instead of the speed of the int8 graph.
     bound = None if kind.startswith("int8") else INT8_BOUND
-    if kind != "int8-cpu":
-        convert_bundle(bundle(scale, model, "fp32"), dst, kind, images(len(CALIB_TEXTS), seed=100), CALIB_TEXTS, bound=bound)
-        return None
-    # As blip-export does: int8-cpu is converted from graphs with ONNX Runtime's attention operator.
     from blip_export.bundle import export_bundle
+    from blip_export.pipeline import ORT_ONLY
 
+    source = bundle(scale, model, "fp32")
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
-        export_bundle(folder(scale, model) / "ckpt", Path(tmp) / "fp32-ort", ort_attention=True)
-        convert_bundle(Path(tmp) / "fp32-ort", dst, kind, images(len(CALIB_TEXTS), seed=100), CALIB_TEXTS, bound=bound)
+        if kind in ORT_ONLY:  # as blip-export does: converted from graphs with ONNX Runtime's operators
+            source = Path(tmp) / "fp32-ort"
+            export_bundle(folder(scale, model) / "ckpt", source, ort_attention=True)
+        convert_bundle(source, dst, kind, images(len(CALIB_TEXTS), seed=100), CALIB_TEXTS, bound=bound)
     return None
 
 

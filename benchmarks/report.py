@@ -151,22 +151,23 @@ def ratio(table, case, contender, base) -> float | None:
 ORT_CONTENDERS = ("ort-fp32", "ort-int8", "ort-int8-cpu", "ort-fp16")
 
 
+def best_ratio(ratios: dict[str, float | None]) -> tuple[dict[str, float], float | None, str | None]:
+    """{contender: ratio or None} -> (the measured ones, the best ratio, "x.xx× (best; each x.xx×)")."""
+    ratios = {c: r for c, r in ratios.items() if r}
+    if not ratios:
+        return ratios, None, None
+    best = max(ratios, key=ratios.get)
+    return ratios, ratios[best], (f"{ratios[best]:.2f}× ({best}; "
+                                  + ", ".join(f"{c} {r:.2f}×" for c, r in ratios.items()) + ")")
+
+
 def targets(results, table, lf) -> list[tuple[str, str, bool | None]]:
     base = results["baseline"]
     r32 = ratio(table, "caption-greedy", "ort-fp32", base)
-    int8 = {c: ratio(table, "caption-greedy", c, base) for c in ("ort-int8", "ort-int8-cpu")}
-    int8 = {c: r for c, r in int8.items() if r}
-    best8 = max(int8, key=int8.get) if int8 else None
-    r8 = int8.get(best8)
-    batch8 = {c: ratio(table, "caption-batch8", c, base) for c in ORT_CONTENDERS}
-    batch8 = {c: r for c, r in batch8.items() if r}
-    best_b = max(batch8, key=batch8.get) if batch8 else None
-    rb = batch8.get(best_b)
+    int8, r8, int8_text = best_ratio({c: ratio(table, "caption-greedy", c, base) for c in ("ort-int8", "ort-int8-cpu")})
+    _, rb, batch8_text = best_ratio({c: ratio(table, "caption-batch8", c, base) for c in ORT_CONTENDERS})
     fp32_s = table.get("caption-greedy", {}).get("ort-fp32", {}).get("median")
-    over32 = {c: fp32_s / table["caption-greedy"][c]["median"] for c in int8 if fp32_s}
-    best_o = max(over32, key=over32.get) if over32 else None
-    ro = over32.get(best_o)
-    separate = (f"{ro:.2f}× ({best_o}; " + ", ".join(f"{c} {r:.2f}×" for c, r in over32.items()) + ")") if ro else None
+    _, ro, separate = best_ratio({c: fp32_s / table["caption-greedy"][c]["median"] for c in int8 if fp32_s})
     pair = results.get("paired", {})
     pr = pair.get("ratios", {}).get("ort-fp32/ort-int8-cpu")
     if pr:  # alternating runs in one process: the same machine state for both (benchmarks.paired)
@@ -182,8 +183,7 @@ def targets(results, table, lf) -> list[tuple[str, str, bool | None]]:
         ("caption batch 1 greedy, ORT fp32 ≥ 1.8× transformers end to end",
          f"{r32:.2f}×" if r32 else "not measured", check(r32, TARGETS["caption_fp32"])),
         ("caption batch 1 greedy, ORT int8 ≥ 5× transformers end to end",
-         f"{r8:.2f}× ({best8}; " + ", ".join(f"{c} {r:.2f}×" for c, r in int8.items()) + ")" if r8
-         else "not measured: no int8 bundle (see notes)", check(r8, TARGETS["caption_int8"])),
+         int8_text or "not measured: no int8 bundle (see notes)", check(r8, TARGETS["caption_int8"])),
         ("vision graph fp32 ≥ 85% of the measured matmul rate (batch 1)",
          f"{share:.0%} ({lf['ort-fp32/vision_gflops']:.0f} of {lf['rate']:.0f} GFLOP/s)" if share else "not measured",
          check(share, TARGETS["vision_share"])),
@@ -191,8 +191,7 @@ def targets(results, table, lf) -> list[tuple[str, str, bool | None]]:
          f"{dec:.2f}× ({fmt_s(lf['ort-fp32/per_token'])} vs {fmt_s(lf['read_s'])})" if dec else "not measured",
          None if dec is None else dec <= TARGETS["decode_vs_read"]),
         ("caption batch 8 throughput ≥ 3× transformers batched",
-         f"{rb:.2f}× ({best_b}; " + ", ".join(f"{c} {r:.2f}×" for c, r in batch8.items()) + ")" if rb
-         else "not measured", check(rb, TARGETS["batch8"])),
+         batch8_text or "not measured", check(rb, TARGETS["batch8"])),
         ("caption batch 1 greedy, int8 ≥ 2.5× faster than ORT fp32 end to end",
          int8_vs_fp32, check(ro, TARGETS["int8_vs_fp32"])),
     ]

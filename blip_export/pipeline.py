@@ -18,6 +18,9 @@ from .bundle import ExportError, ExportReport, default_output, export_bundle
 from .defaults import calibration_images
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-cpu")
+# Forms that run on ONNX Runtime only: TensorRT cannot build them, and they are converted from fp32
+# graphs that use ONNX Runtime's own operators (export_bundle(ort_attention=True)).
+ORT_ONLY = frozenset({"int8-cpu"})
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
@@ -64,8 +67,8 @@ def export(
         reason = check_trt_available()
         if reason:
             raise ExportError(f"--target trt: {reason}; use --target onnx")
-        if precision == "int8-cpu":
-            raise ExportError("--precision int8-cpu is ONNX Runtime's CPU form; TensorRT takes --precision int8 (Q/DQ)")
+        if precision in ORT_ONLY:
+            raise ExportError(f"--precision {precision} is ONNX Runtime's CPU form; TensorRT takes --precision int8 (Q/DQ)")
     calib = find_images(Path(calib_images)) if calib_images else None
     if precision == "int8" and calib is None:
         calib = calibration_images()
@@ -76,9 +79,8 @@ def export(
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.work.", dir=dest.parent))
     try:
-        # int8-cpu runs on ONNX Runtime only: its source graphs may use ONNX Runtime's attention operator
         report = export_bundle(checkpoint, work / "fp32", tasks, "fp32", limits, progress=progress,
-                               ort_attention=precision == "int8-cpu")
+                               ort_attention=precision in ORT_ONLY)
         onnx_bundle = work / "fp32"
         if precision != "fp32":
             from .precision import INT8_BOUND, convert_bundle

@@ -320,8 +320,6 @@ def to_int8_cpu(
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    MatMulNBitsQuantizer = _nbits_quantizer()
-
     say = progress or (lambda msg: None)
     held = list(feeds)
     with tempfile.TemporaryDirectory(prefix=f"int8cpu-{graph}-") as tmp:
@@ -329,6 +327,7 @@ def to_int8_cpu(
         quant_pre_process(str(src), str(pre), skip_optimization=True, skip_symbolic_shape=True)
 
         gemv = graph in GEMV_GRAPHS
+        MatMulNBitsQuantizer = _nbits_quantizer() if gemv else None
 
         def quantize(exclude: list[str], out: Path) -> None:
             if gemv:
