@@ -365,9 +365,9 @@ def _fusion_lines(graph: str, entry: dict, ideas: list[str]) -> list[str]:
         ideas.append(f"{graph}: apply onnxruntime's transformer optimizer at export ({gain:.0%} measured here).")
     if not any(o in ("Attention", "MultiHeadAttention") for o in new_ops):
         ideas.append(f"{graph}: the optimizer found no attention pattern to fuse (no Attention/MultiHeadAttention "
-                     "node). The int8-cpu form emits com.microsoft MultiHeadAttention in its vision graph directly "
-                     "(4-8% faster at 577 tokens, measured on the graph alone); the fp32 form keeps standard ONNX "
-                     "ops so that TensorRT can build it.")
+                     "node). The int8-cpu form emits com.microsoft MultiHeadAttention directly (vision graph: 4-8% "
+                     "faster at 577 tokens; decoder step, self- and cross-attention: 10%; each measured on the graph "
+                     "alone); the fp32 form keeps standard ONNX ops so that TensorRT can build it.")
     return [line]
 
 

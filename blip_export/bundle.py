@@ -190,9 +190,10 @@ def export_bundle(
     ort_attention: bool = False,
 ) -> ExportReport:
     """Export `checkpoint` to an ONNX bundle at `output`. `progress(msg)` is called per stage.
-    ort_attention: the vision graph's attention as ONNX Runtime's MultiHeadAttention operator
-    (modeling.common.ort_attention): faster on ONNX Runtime, not buildable by TensorRT; the
-    manifest's "attention_op" says so."""
+    ort_attention: attention as ONNX Runtime's MultiHeadAttention operator (the vision graph's, and
+    the decoder step's self- and cross-attention: modeling.common.ort_attention), with the
+    cross-attention keys in that operator's layout (blip_graphs(keys_transposed=False)): faster on
+    ONNX Runtime, not buildable by TensorRT; the manifest's "attention_op" says so."""
     import onnx
     import onnxruntime
     import torch
@@ -206,7 +207,7 @@ def export_bundle(
     chosen = select_tasks(config, tasks)
     dims = model_dims(config)
     settings = image_settings(folder, config)
-    graphs = blip_graphs(dims, set(chosen), config.architecture)
+    graphs = blip_graphs(dims, set(chosen), config.architecture, keys_transposed=not ort_attention)
     dest = Path(output) if output else default_output(folder, precision)
     if dest.exists() and not overwrite:
         raise ExportError(f"{dest}: already exists")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blip_runtime.graphs import BATCH, ENC, PAST, TEXT, Dims, GraphSpec, random_feeds
+from blip_runtime.graphs import BATCH, ENC, PAST, TEXT, Dims, GraphSpec, cross_keys_transposed, random_feeds
 
 from .wrappers import WRAPPERS
 
@@ -20,9 +20,18 @@ def trace_sizes(spec: GraphSpec, dims: Dims) -> dict[str, int]:
     return {BATCH: 2, TEXT: 3, PAST: 5, ENC: 7 if spec.name in ("cross_kv", "decoder_step") else dims.num_image_tokens}
 
 
+def make_wrapper(model: torch.nn.Module, spec: GraphSpec, with_feat: bool = False) -> torch.nn.Module:
+    """The module whose inputs and outputs are `spec`'s (wrappers.WRAPPERS)."""
+    if spec.name == "vision":
+        return WRAPPERS[spec.name](model, with_feat)
+    if spec.name in ("cross_kv", "decoder_step"):
+        return WRAPPERS[spec.name](model, keys_transposed=cross_keys_transposed(spec))
+    return WRAPPERS[spec.name](model)
+
+
 def export_graph(model: torch.nn.Module, spec: GraphSpec, dims: Dims, path: Path, with_feat: bool = False) -> None:
     """Trace the wrapper for `spec` and write `path` (weights inside the file, under 2 GB)."""
-    wrapper = WRAPPERS[spec.name](model, with_feat) if spec.name == "vision" else WRAPPERS[spec.name](model)
+    wrapper = make_wrapper(model, spec, with_feat)
     wrapper.eval()
     feeds = random_feeds(spec, dims, trace_sizes(spec, dims))
     args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
@@ -42,7 +51,7 @@ def export_graph(model: torch.nn.Module, spec: GraphSpec, dims: Dims, path: Path
 
 
 def reference_outputs(model: torch.nn.Module, spec: GraphSpec, feeds: dict[str, np.ndarray], with_feat: bool = False):
-    wrapper = WRAPPERS[spec.name](model, with_feat) if spec.name == "vision" else WRAPPERS[spec.name](model)
+    wrapper = make_wrapper(model, spec, with_feat)
     with torch.no_grad():
         out = wrapper(*(torch.from_numpy(feeds[t.name]) for t in spec.inputs))
     out = out if isinstance(out, tuple) else (out,)

@@ -209,7 +209,7 @@ def convert_bundle(
     progress=None,
 ) -> dict:
     """Write the `precision` form of the fp32 bundle at `fp32_bundle` to `dst`; returns its manifest.
-    For int8-cpu, blip-export converts from an fp32 bundle exported with ort_attention=True (its vision
+    For int8-cpu, blip-export converts from an fp32 bundle exported with ort_attention=True (its
     attention as ONNX Runtime's MultiHeadAttention); a standard fp32 bundle converts as well.
 
     calib_images (paths, PIL images or uint8 HxWx3 arrays) with optional calib_texts (one caption

@@ -57,15 +57,17 @@ class TextFeaturesGraph(nn.Module):
 
 class CrossKVGraph(nn.Module):
     """encoder_states [B,N,De] -> cross_key.i [B,H,Dh,N] (transposed: each decoding step then runs a
-    plain matmul against it) and cross_value.i [B,H,N,Dh], for every decoder layer."""
+    plain matmul against it; [B,H,N,Dh] with keys_transposed=False, the layout of ONNX Runtime's
+    MultiHeadAttention) and cross_value.i [B,H,N,Dh], for every decoder layer."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, keys_transposed: bool = True):
         super().__init__()
         self.decoder = model.text_decoder
+        self.keys_transposed = keys_transposed
 
     def forward(self, encoder_states):
         kv = self.decoder.bert.cross_key_values(encoder_states)
-        return tuple(t for k, v in kv for t in (k.transpose(-1, -2), v))
+        return tuple(t for k, v in kv for t in (k.transpose(-1, -2) if self.keys_transposed else k, v))
 
 
 class DecoderStepGraph(nn.Module):
@@ -73,17 +75,19 @@ class DecoderStepGraph(nn.Module):
     beam_idx [R], past K/V [R,H,P,Dh] x 2L, cross keys [R,H,Dh,N] and values [R,H,N,Dh] x L)
     -> (logits of the last position [R,V], present K/V [R,H,P+S,Dh] x 2L)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, keys_transposed: bool = True):
         super().__init__()
         self.decoder = model.text_decoder
         self.num_layers = model.config.text.num_hidden_layers
+        self.keys_transposed = keys_transposed
 
     def forward(self, input_ids, attention_mask, position_ids, encoder_attention_mask, beam_idx, *kv):
         L = self.num_layers
         past = [(kv[2 * i].index_select(0, beam_idx), kv[2 * i + 1].index_select(0, beam_idx)) for i in range(L)]
-        # Keys arrive transposed; attention transposes them back, and ONNX Runtime / TensorRT cancel
-        # the transpose pair, leaving q @ key_t.
-        cross = [(kv[2 * L + 2 * i].transpose(-1, -2), kv[2 * L + 2 * i + 1]) for i in range(L)]
+        # Keys arrive transposed (unless keys_transposed=False); attention transposes them back, and
+        # ONNX Runtime / TensorRT cancel the transpose pair, leaving q @ key_t.
+        key = (lambda t: t.transpose(-1, -2)) if self.keys_transposed else (lambda t: t)  # noqa: E731
+        cross = [(key(kv[2 * L + 2 * i]), kv[2 * L + 2 * i + 1]) for i in range(L)]
         logits, present = self.decoder(
             input_ids,
             attention_mask,

@@ -118,14 +118,24 @@ def kv_names(prefix: str, num_layers: int) -> list[str]:
     return [f"{prefix}_{kind}.{i}" for i in range(num_layers) for kind in ("key", "value")]
 
 
-def cross_specs(rows, heads: int, head_dim: int, layers: int) -> list[TensorSpec]:
-    """cross_key.i [rows, H, Dh, enc] (transposed) and cross_value.i [rows, H, enc, Dh], layer by layer."""
-    return [TensorSpec(n, "float32", (rows, heads, head_dim, ENC) if n.startswith("cross_key") else (rows, heads, ENC, head_dim))
+def cross_specs(rows, heads: int, head_dim: int, layers: int, keys_transposed: bool = True) -> list[TensorSpec]:
+    """cross_key.i [rows, H, Dh, enc] (transposed; [rows, H, enc, Dh] with keys_transposed=False) and
+    cross_value.i [rows, H, enc, Dh], layer by layer."""
+    key = (rows, heads, head_dim, ENC) if keys_transposed else (rows, heads, ENC, head_dim)
+    return [TensorSpec(n, "float32", key if n.startswith("cross_key") else (rows, heads, ENC, head_dim))
             for n in kv_names("cross", layers)]
 
 
-def blip_graphs(dims: Dims, tasks: set[str], architecture: str) -> dict[str, GraphSpec]:
-    """The graphs a BLIP checkpoint needs for `tasks` (subset of caption, vqa, itm, itc)."""
+def cross_keys_transposed(spec: GraphSpec) -> bool:
+    """Whether `spec` (cross_kv or decoder_step) carries the cross-attention keys as [.., Dh, enc]."""
+    key = next(t for t in (*spec.inputs, *spec.outputs) if t.name == "cross_key.0")
+    return key.shape[-1] == ENC
+
+
+def blip_graphs(dims: Dims, tasks: set[str], architecture: str, keys_transposed: bool = True) -> dict[str, GraphSpec]:
+    """The graphs a BLIP checkpoint needs for `tasks` (subset of caption, vqa, itm, itc).
+    keys_transposed=False: cross-attention keys in the [.., enc, Dh] layout of ONNX Runtime's
+    MultiHeadAttention (the ONNX Runtime forms, exported with modeling.common.ort_attention)."""
     f32, i64 = "float32", "int64"
     H, Dh, L = dims.num_heads, dims.head_dim, dims.num_layers
     graphs: dict[str, GraphSpec] = {}
@@ -155,14 +165,15 @@ def blip_graphs(dims: Dims, tasks: set[str], architecture: str) -> dict[str, Gra
         )
     if "caption" in tasks or "vqa" in tasks:
         enc_width = dims.text_hidden if "vqa" in tasks else dims.vision_hidden
-        cross = cross_specs(BATCH, H, Dh, L)
+        cross = cross_specs(BATCH, H, Dh, L, keys_transposed)
         graphs["cross_kv"] = GraphSpec(
             "cross_kv",
             (TensorSpec("encoder_states", f32, (BATCH, ENC, enc_width)),),
             tuple(cross),
             "Per-layer cross-attention K/V of the decoder over the image (caption) or question (VQA) states; "
             "computed once per request. Keys come transposed ([.., Dh, enc]) so each decoding step's "
-            "scores are a plain matmul, not a transposed-operand one.",
+            "scores are a plain matmul, not a transposed-operand one"
+            + ("." if keys_transposed else " (here not: [.., enc, Dh], MultiHeadAttention's layout)."),
         )
         rows = "rows"  # batch x beams
         graphs["decoder_step"] = GraphSpec(
@@ -174,7 +185,7 @@ def blip_graphs(dims: Dims, tasks: set[str], architecture: str) -> dict[str, Gra
                 TensorSpec("encoder_attention_mask", i64, (rows, ENC)),
                 TensorSpec("beam_idx", i64, (rows,)),
                 *[TensorSpec(n, f32, (rows, H, PAST, Dh)) for n in kv_names("past", L)],
-                *cross_specs(rows, H, Dh, L),
+                *cross_specs(rows, H, Dh, L, keys_transposed),
             ),
             (
                 TensorSpec("logits", f32, (rows, dims.vocab_size)),

@@ -29,7 +29,7 @@ class DecoderInference:
     def __init__(self, session: Session, manifest: Manifest, cross: dict[str, np.ndarray], encoder_mask: np.ndarray):
         self.session = session
         self.dims = manifest.dims
-        self.cross = cross  # cross_key.i [R, H, Dh, N] (transposed), cross_value.i [R, H, N, Dh]
+        self.cross = cross  # cross_key.i [R, H, Dh, N] (transposed; [R, H, N, Dh] in ONNX Runtime forms), cross_value.i [R, H, N, Dh]
         self.encoder_mask = encoder_mask  # [R, N]
         self.request = np.arange(encoder_mask.shape[0])  # which request each row serves
         self.past: dict[str, np.ndarray] | None = None

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
-from .common import activation, causal_padding_mask, exporting, padding_mask
+from .common import CachedSelfAttention, CrossAttention, activation, causal_padding_mask, exporting, padding_mask, use_ort_attention
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (B, H, T, Dh)
 
@@ -141,6 +141,10 @@ class BlipTextLayer(nn.Module):
         """x (B, S, D); past k/v (B, H, P, Dh) or None; cross k/v (B, H, N, Dh) or None.
         Returns (x (B, S, D), present (k, v) each (B, H, P+S, Dh))."""
         att = self.attention.self
+        if past is not None and use_ort_attention():  # ONNX Runtime form of a decoder step (common.ort_attention)
+            q, k, v = fused_linear(x, att.query, att.key, att.value, first_scale=att.scale).split(att.num_heads * att.head_dim, dim=-1)
+            ctx, k, v = CachedSelfAttention.apply(q, k, v, self_mask, past[0], past[1], att.num_heads)
+            return self._after_self_attention(self.attention.output(ctx, x), cross, cross_mask, ort_step=True), (k, v)
         # Exported: one fused Q/K/V matmul. Eager: the separate projections in transformers' order, so
         # training (train.py) stays bitwise what it was (autograd sums gradients in graph order).
         q, (k, v) = att.query_key_value(x) if exporting() else (None, att.key_value(x))
@@ -148,9 +152,23 @@ class BlipTextLayer(nn.Module):
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
         x = self.attention.output(att.attend(x, k, v, self_mask, q), x)
+        return self._after_self_attention(x, cross, cross_mask), (k, v)
+
+    def _after_self_attention(self, x: torch.Tensor, cross: KV | None, cross_mask: torch.Tensor | None,
+                              ort_step: bool = False) -> torch.Tensor:
+        """Cross-attention (when given) and the feed-forward block. ort_step: the ONNX Runtime form of a
+        decoder step, whose cross-attention is one MultiHeadAttention node (common.CrossAttention)."""
         if cross is not None:
-            x = self.crossattention.output(self.crossattention.self.attend(x, cross[0], cross[1], cross_mask), x)
-        return self.output(self.intermediate(x), x), (k, v)
+            att = self.crossattention.self
+            if ort_step and cross_mask is not None:
+                q = fused_linear(x, att.query, first_scale=att.scale)
+                # The operator takes the mask per query ([B, 1, S, N]), it does not broadcast [B, 1, 1, N].
+                mask = cross_mask.expand(-1, -1, x.shape[1], -1)
+                ctx = CrossAttention.apply(q, cross[0], cross[1], mask, att.num_heads)
+            else:
+                ctx = att.attend(x, cross[0], cross[1], cross_mask)
+            x = self.crossattention.output(ctx, x)
+        return self.output(self.intermediate(x), x)
 
 
 class BlipTextEncoder(nn.Module):

@@ -139,3 +139,25 @@ def test_interrupted_export_leaves_nothing(bundles, tmp_path, monkeypatch):
 def test_runtime_never_imports_torch():
     code = "import sys, blip_runtime, blip_runtime.graphs, blip_runtime.session; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cross_key_layouts():
+    """The standard graphs carry cross-attention keys transposed ([.., Dh, enc]); the ONNX Runtime forms
+    ([.., enc, Dh], MultiHeadAttention's layout) differ in that tensor only, in both graphs that carry it."""
+    from blip_runtime.graphs import Dims, blip_graphs, cross_keys_transposed
+
+    dims = Dims(image_size=32, num_image_tokens=5, vision_hidden=16, text_hidden=16, num_layers=2, num_heads=2,
+                head_dim=8, vocab_size=50, itc_dim=0)
+    std, ort_ = blip_graphs(dims, {"caption"}, "blip"), blip_graphs(dims, {"caption"}, "blip", keys_transposed=False)
+    for name in ("cross_kv", "decoder_step"):
+        assert cross_keys_transposed(std[name]) and not cross_keys_transposed(ort_[name])
+        tensors = lambda spec: {t.name: t for t in (*spec.inputs, *spec.outputs)}  # noqa: E731
+        a, b = tensors(std[name]), tensors(ort_[name])
+        assert a.keys() == b.keys()
+        for n in a:
+            if n.startswith("cross_key"):
+                assert a[n].shape[-2:] == (8, ENC) and b[n].shape[-2:] == (ENC, 8) and a[n].shape[:2] == b[n].shape[:2]
+            else:
+                assert a[n] == b[n], n
+    assert {k: v for k, v in std.items() if k not in ("cross_kv", "decoder_step")} == \
+        {k: v for k, v in ort_.items() if k not in ("cross_kv", "decoder_step")}

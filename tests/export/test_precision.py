@@ -104,9 +104,11 @@ def test_bundle_runs_every_task(bundles, model, precision):
 @pytest.mark.parametrize("model,precision", CASES)
 def test_graph_errors_against_fp32(bundles, model, precision):
     """Each graph against its fp32 source on feeds recorded from fresh images (decoder_step: every
-    step of the fp32 greedy loop), and the manifest's accuracy entry from the held-out images."""
-    fp32, ours = load_manifest(bundles(model)), load_manifest(bundles(model, precision))
-    feeds = calibration_feeds(bundles(model), images(3, seed=40), TEXTS[2:5], max_new_tokens=8)
+    step of the fp32 greedy loop), and the manifest's accuracy entry from the held-out images.
+    int8-cpu's source is the fp32 bundle in ONNX Runtime's form (its cross-attention key layout)."""
+    source = bundles(model, "fp32-ort" if precision == "int8-cpu" else "fp32")
+    fp32, ours = load_manifest(source), load_manifest(bundles(model, precision))
+    feeds = calibration_feeds(source, images(3, seed=40), TEXTS[2:5], max_new_tokens=8)
     for name in ours.graphs:
         err = graph_errors(run_all(ort_session(ours.graph_path(name)), feeds[name]),
                            run_all(ort_session(fp32.graph_path(name)), feeds[name]))
@@ -182,7 +184,7 @@ def test_int8_cpu_is_dynamic_quantization(bundles):
     for name in manifest.graphs:
         nodes = onnx.load(str(manifest.graph_path(name))).graph.node
         ops = {n.op_type for n in nodes}
-        assert ("MultiHeadAttention" in ops) == (name == "vision"), (name, ops)
+        assert ("MultiHeadAttention" in ops) == (name in ("vision", "decoder_step")), (name, ops)
         if name == "decoder_step":  # a few rows per call: 8-bit MatMulNBits, int8 compute
             nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
             attrs = [{a.name: a.i for a in n.attribute} for n in nbits]
@@ -194,9 +196,10 @@ def test_int8_cpu_is_dynamic_quantization(bundles):
 
 @pytest.mark.parametrize("model", ["caption", "itr"])
 def test_ort_attention_export(bundles, model):
-    """export_bundle(ort_attention=True): the vision graph's attention is one com.microsoft node per
-    layer, its outputs equal the standard graph's on fresh images, the other graphs are unchanged,
-    and TensorRT's operator check refuses the graph."""
+    """export_bundle(ort_attention=True): the vision graph's attention, and a decoder step's self- and
+    cross-attention, are one com.microsoft node each per layer, with the cross-attention keys in that
+    operator's [.., enc, Dh] layout; every graph's outputs equal the standard graph's on fresh feeds
+    (keys transposed between the two); TensorRT's operator check refuses those graphs."""
     from blip_export.trt_onnx_support import problems
 
     std, ort_ = load_manifest(bundles(model)), load_manifest(bundles(model, "fp32-ort"))
@@ -207,9 +210,26 @@ def test_ort_attention_export(bundles, model):
     assert len(mha) == layers and all(n.domain == "com.microsoft" for n in mha)
     assert not [n for n in vision.graph.node if n.op_type == "Softmax"], "no attention left in standard ops"
     assert any("MultiHeadAttention" in p for p in problems(vision))
+    if "decoder_step" in ort_.graphs:  # self-attention with past/present K/V; cross-attention stays standard
+        step_model = onnx.load(str(ort_.graph_path("decoder_step")))
+        step = step_model.graph
+        text_layers = json.loads((bundles.root / f"{model}-ckpt" / "config.json").read_text())["text_config"]["num_hidden_layers"]
+        mha = [n for n in step.node if n.op_type == "MultiHeadAttention"]
+        cached = [n for n in mha if len(n.output) == 3]  # self-attention: past in, present out
+        assert len(cached) == text_layers and all(len(n.input) == 8 for n in cached)
+        assert {o for n in cached for o in n.output[1:]} == {t.name for t in ort_.graphs["decoder_step"].outputs[1:]}
+        cross = {n.input[1] for n in mha if len(n.output) == 1}
+        assert cross == {f"cross_key.{i}" for i in range(text_layers)}
+        assert not [n for n in step.node if n.op_type == "Softmax"], "no attention left in standard ops"
+        assert any("MultiHeadAttention" in p for p in problems(step_model))
+        key_std = next(t for t in std.graphs["decoder_step"].inputs if t.name == "cross_key.0").shape
+        key_ort = next(t for t in ort_.graphs["decoder_step"].inputs if t.name == "cross_key.0").shape
+        assert key_ort == (*key_std[:2], key_std[3], key_std[2])
+    swap = lambda d: {k: np.swapaxes(v, -1, -2) if k.startswith("cross_key") else v for k, v in d.items()}  # noqa: E731
     feeds = calibration_feeds(bundles(model), images(3, seed=41), TEXTS[:3], max_new_tokens=4)
     for name in std.graphs:
-        err = graph_errors(run_all(ort_session(ort_.graph_path(name)), feeds[name]),
+        ort_feeds = [swap(f) for f in feeds[name]]
+        err = graph_errors([swap(o) for o in run_all(ort_session(ort_.graph_path(name)), ort_feeds)],
                            run_all(ort_session(std.graph_path(name)), feeds[name]))
         print(f"{model} {name} ort attention vs standard: max abs {err['max_abs']:.2e}, relative {err['rel']:.2e}")
         assert err["rel"] < 1e-5, (name, err)
