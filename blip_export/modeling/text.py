@@ -162,9 +162,7 @@ class BlipTextLayer(nn.Module):
             att = self.crossattention.self
             if ort_step and cross_mask is not None:
                 q = fused_linear(x, att.query, first_scale=att.scale)
-                # The operator takes the mask per query ([B, 1, S, N]), it does not broadcast [B, 1, 1, N].
-                mask = cross_mask.expand(-1, -1, x.shape[1], -1)
-                ctx = CrossAttention.apply(q, cross[0], cross[1], mask, att.num_heads)
+                ctx = CrossAttention.apply(q, cross[0], cross[1], cross_mask, att.num_heads)
             else:
                 ctx = att.attend(x, cross[0], cross[1], cross_mask)
             x = self.crossattention.output(ctx, x)
@@ -241,6 +239,10 @@ class BlipTextModel(nn.Module):
         cross_mask = None
         if cross_key_values is not None and encoder_attention_mask is not None:
             cross_mask = padding_mask(encoder_attention_mask, S, x.dtype)
+            if past_key_values is not None and use_ort_attention():
+                # MultiHeadAttention takes the mask per query ([B, 1, S, N]); it does not broadcast
+                # [B, 1, 1, N]. Expanded once here for every layer.
+                cross_mask = cross_mask.expand(-1, -1, S, -1)
         present = []
         for i, layer in enumerate(self.encoder.layer):
             x, kv = layer(
