@@ -35,7 +35,7 @@ class BlipAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         if use_ort_attention():
-            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            q, k, v = self.qkv(x).split(D, dim=-1)  # one Split node (chunk exports three Slices and their shape arithmetic)
             return self.projection(MultiHeadAttention.apply(q, k, v, self.num_heads))
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, N, Dh)
