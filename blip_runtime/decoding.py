@@ -192,11 +192,20 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def _topk(x: np.ndarray, k: int) -> np.ndarray:
-    """Indices [R, k] of the k largest values of each row of x [R, C], best first (torch.topk, sorted).
-    A partition first: beam search ranks num_beams * V candidates (~92k for BLIP with 3 beams)."""
-    part = np.argpartition(-x, k - 1, axis=1)[:, :k] if k < x.shape[1] else np.indices(x.shape)[1]
-    part = np.sort(part, axis=1)  # so that ties come out lowest index first
-    return np.take_along_axis(part, np.argsort(-np.take_along_axis(x, part, 1), axis=1, kind="stable"), 1)
+    """Indices [R, k] of the k largest values of each row of x [R, C], best first (torch.topk, sorted),
+    equal values lowest index first. Beam search ranks num_beams * V candidates (~92k for BLIP with 3
+    beams) for 2 * num_beams of them: k passes of argmax (which returns the first maximum) take 0.05 ms
+    there against 1 ms for a partition and a sort. Narrow rows, and rows with fewer than k values above
+    -inf (where an argmax pass could pick a masked index again), take a stable sort."""
+    if x.shape[1] > 32 * k:
+        work, rows = x.copy(), np.arange(x.shape[0])
+        out = np.empty((x.shape[0], k), dtype=np.int64)
+        for j in range(k):
+            out[:, j] = work.argmax(axis=1)
+            work[rows, out[:, j]] = -np.inf
+        if not np.isneginf(np.take_along_axis(x, out, 1)).any():
+            return out
+    return np.argsort(-x, axis=1, kind="stable")[:, :k]
 
 
 # ---------------------------------------------------------------------------------------------------

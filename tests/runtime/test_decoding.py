@@ -441,3 +441,25 @@ def test_import_without_torch():
     root = Path(__file__).resolve().parents[2]
     code = "import sys, blip_runtime.decoding; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+
+
+def test_topk_is_sorted_with_ties_lowest_index_first():
+    """_topk against a stable full sort: the k largest per row, best first, equal values lowest index
+    first (the argmax passes of wide rows and the partition of narrow ones); rows with fewer than k
+    finite values (the argmax passes fall back to the sort) give the same values as the sort."""
+    from blip_runtime.decoding import _topk
+
+    rng = np.random.default_rng(0)
+    for shape, k in [((3, 91572), 6), ((2, 400), 6), ((4, 12), 3), ((1, 6), 6)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        ties = np.round(x * 2) / 2  # many equal values, also at the k-th place
+        for data in (x, ties):
+            ref = np.argsort(-data, axis=1, kind="stable")[:, :k]
+            assert np.array_equal(_topk(data, k), ref), (shape, k)
+    sparse = np.full((2, 1000), -np.inf, dtype=np.float32)
+    sparse[0, [7, 3]] = [1.0, 2.0]
+    sparse[1, 500] = 0.5
+    got = _topk(sparse, 4)
+    assert got[0, :2].tolist() == [3, 7] and got[1, 0] == 500
+    assert np.array_equal(np.take_along_axis(sparse, got, 1), -np.sort(-sparse, axis=1)[:, :4])
+    assert all(len(set(row)) == 4 for row in got.tolist())
