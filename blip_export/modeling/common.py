@@ -48,22 +48,20 @@ def use_ort_attention() -> bool:
     return _ORT_ATTENTION[0] and exporting()
 
 
-class MultiHeadAttention(torch.autograd.Function):
-    """softmax(q k^T / sqrt(Dh)) v over `num_heads` heads, q/k/v [B, N, D] -> [B, N, D]; exported as
-    one com.microsoft.MultiHeadAttention node (its default scale is 1/sqrt(Dh))."""
+def _heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, T, D] -> [B, H, T, D/H]."""
+    return t.reshape(t.shape[0], -1, num_heads, t.shape[-1] // num_heads).transpose(1, 2)
 
-    @staticmethod
-    def forward(ctx, q, k, v, num_heads: int):
-        B, N, D = q.shape
-        heads = lambda t: t.reshape(B, -1, num_heads, D // num_heads).transpose(1, 2)  # noqa: E731
-        probs = (torch.matmul(heads(q), heads(k).transpose(-1, -2)) * (D // num_heads) ** -0.5).softmax(dim=-1)
-        return torch.matmul(probs, heads(v)).transpose(1, 2).reshape(B, N, D)
 
-    @staticmethod
-    def symbolic(g, q, k, v, num_heads: int):
-        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=num_heads)
-        out.setType(q.type())  # [B, N, D] like the query (value width = query width here)
-        return out
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+            scale: float = 1.0) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v, q [B, H, S, Dh] and k/v [B, H, T, Dh] -> [B, S, H*Dh]: what the
+    attention Functions below compute when traced (the exported node computes it in ONNX Runtime)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores + mask
+    ctx = torch.matmul(scores.softmax(dim=-1), v)
+    return ctx.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
 def _absent(g):
@@ -71,6 +69,22 @@ def _absent(g):
     none = g.op("prim::Constant")
     none.setType(torch._C.OptionalType.ofTensor())
     return none
+
+
+class MultiHeadAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(Dh)) v over `num_heads` heads, q/k/v [B, N, D] -> [B, N, D]; exported as
+    one com.microsoft.MultiHeadAttention node (its default scale is 1/sqrt(Dh))."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, num_heads: int):
+        scale = (q.shape[-1] // num_heads) ** -0.5
+        return _attend(_heads(q, num_heads), _heads(k, num_heads), _heads(v, num_heads), scale=scale)
+
+    @staticmethod
+    def symbolic(g, q, k, v, num_heads: int):
+        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=num_heads)
+        out.setType(q.type())  # [B, N, D] like the query (value width = query width here)
+        return out
 
 
 class CachedSelfAttention(torch.autograd.Function):
@@ -81,12 +95,9 @@ class CachedSelfAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, past_k, past_v, num_heads: int):
-        B, S, D = q.shape
-        heads = lambda t: t.reshape(B, -1, num_heads, D // num_heads).transpose(1, 2)  # noqa: E731
-        k = torch.cat([past_k, heads(k)], dim=2)
-        v = torch.cat([past_v, heads(v)], dim=2)
-        probs = (torch.matmul(heads(q), k.transpose(-1, -2)) + mask).softmax(dim=-1)
-        return torch.matmul(probs, v).transpose(1, 2).reshape(B, S, D), k, v
+        k = torch.cat([past_k, _heads(k, num_heads)], dim=2)
+        v = torch.cat([past_v, _heads(v, num_heads)], dim=2)
+        return _attend(_heads(q, num_heads), k, v, mask), k, v
 
     @staticmethod
     def symbolic(g, q, k, v, mask, past_k, past_v, num_heads: int):
@@ -107,9 +118,7 @@ class CrossAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, num_heads: int):
-        B, S, D = q.shape
-        scores = torch.matmul(q.reshape(B, S, num_heads, D // num_heads).transpose(1, 2), k.transpose(-1, -2))
-        return torch.matmul((scores + mask).softmax(dim=-1), v).transpose(1, 2).reshape(B, S, D)
+        return _attend(_heads(q, num_heads), k, v, mask)
 
     @staticmethod
     def symbolic(g, q, k, v, mask, num_heads: int):

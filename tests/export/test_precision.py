@@ -210,7 +210,7 @@ def test_ort_attention_export(bundles, model):
     assert len(mha) == layers and all(n.domain == "com.microsoft" for n in mha)
     assert not [n for n in vision.graph.node if n.op_type == "Softmax"], "no attention left in standard ops"
     assert any("MultiHeadAttention" in p for p in problems(vision))
-    if "decoder_step" in ort_.graphs:  # self-attention with past/present K/V; cross-attention stays standard
+    if "decoder_step" in ort_.graphs:  # self-attention with past/present K/V, and cross-attention
         step_model = onnx.load(str(ort_.graph_path("decoder_step")))
         step = step_model.graph
         text_layers = json.loads((bundles.root / f"{model}-ckpt" / "config.json").read_text())["text_config"]["num_hidden_layers"]
