@@ -1,0 +1,1 @@
+"""Model families of the runtime: each folder holds a family's task API and input processing."""

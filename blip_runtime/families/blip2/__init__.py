@@ -1,0 +1,1 @@
+"""BLIP-2 at run time (numpy, tokenizers; never torch)."""
