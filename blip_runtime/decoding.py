@@ -6,7 +6,9 @@ also samples) or a `BeamSearchDecoder` picks the tokens. numpy only: `blip_runti
 
 Given the same logits it reproduces transformers' `generate` (5.23: `_sample`, `_beam_search`,
 logits_process.py, stopping_criteria.py) token for token, float32 arithmetic in the same order.
-Sampling draws from numpy's generator, so it matches in distribution, not in the draws.
+Sampling draws from numpy's generator, so it matches in distribution, not in the draws. Each request
+draws from a generator of its own, seeded with `seed`, so a request's samples do not depend on the
+other requests in its batch (transformers draws for the whole batch from one generator).
 """
 
 from __future__ import annotations
@@ -34,6 +36,38 @@ class Inference(Protocol):
         ...
 
 
+def _is_bool(v) -> bool:
+    return isinstance(v, (bool, np.bool_))
+
+
+def _is_int(v) -> bool:
+    """int or numpy integer; bool is not an int here (True would silently mean 1)."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) or isinstance(v, (float, np.floating))) and not isinstance(v, np.bool_)
+
+
+_KINDS = {"int": _is_int, "float": _is_number, "bool": _is_bool}
+_CASTS = {"int": int, "float": float, "bool": bool}
+# Type and range of each option, checked once in GenerationOptions: (kind, in range, what is expected).
+# Types are strict: 1.5 beams, "3" beams or do_sample="false" are errors, not coerced.
+_OPTION_CHECKS = {
+    "max_new_tokens": ("int", lambda v: v >= 1, "an int >= 1"),
+    "min_new_tokens": ("int", lambda v: v >= 0, "an int >= 0 (above max_new_tokens: EOS never allowed)"),
+    "num_beams": ("int", lambda v: v >= 1, "an int >= 1"),
+    "length_penalty": ("float", lambda v: bool(np.isfinite(v)), "a finite number"),
+    "do_sample": ("bool", lambda v: True, "True or False"),
+    "temperature": ("float", lambda v: not np.isnan(v), "a number (> 0 when do_sample)"),
+    "top_k": ("int", lambda v: v >= 0, "an int >= 0 (0 disables)"),
+    "top_p": ("float", lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
+    "repetition_penalty": ("float", lambda v: 0.0 < v < np.inf, "a number > 0 (1.0 disables)"),
+    "seed": ("int", lambda v: v >= 0, "None or an int >= 0"),
+    "num_return_sequences": ("int", lambda v: v >= 1, "an int >= 1"),
+}
+
+
 @dataclass(frozen=True, kw_only=True)
 class GenerationOptions:
     eos_token_id: int | Sequence[int]  # ends a sequence (BLIP: [SEP] 102); kept in the output
@@ -54,25 +88,28 @@ class GenerationOptions:
     def __post_init__(self) -> None:
         def require(ok: bool, name: str, expected: str) -> None:
             if not ok:
-                raise ValueError(f"GenerationOptions.{name}={getattr(self, name)!r}: expected {expected}")
+                value = getattr(self, name)
+                raise ValueError(f"GenerationOptions.{name}={value!r} ({type(value).__name__}): expected {expected}")
 
-        ids = [self.eos_token_id] if isinstance(self.eos_token_id, (int, np.integer)) else list(self.eos_token_id)
-        require(len(ids) > 0 and all(isinstance(i, (int, np.integer)) and i >= 0 for i in ids),
-                "eos_token_id", "a token id >= 0 or a non-empty list of them")
-        require(isinstance(self.pad_token_id, (int, np.integer)) and self.pad_token_id >= 0, "pad_token_id", ">= 0")
-        require(self.max_new_tokens >= 1, "max_new_tokens", ">= 1")
-        require(self.min_new_tokens >= 0, "min_new_tokens", ">= 0 (above max_new_tokens: EOS never allowed)")
-        require(self.num_beams >= 1, "num_beams", ">= 1")
-        require(bool(np.isfinite(self.length_penalty)), "length_penalty", "a finite float")
-        require(self.early_stopping is True or self.early_stopping is False or self.early_stopping == "never",
-                "early_stopping", "True, False or 'never'")
+        for name, (kind, in_range, expected) in _OPTION_CHECKS.items():
+            value = getattr(self, name)
+            if value is None and name == "seed":
+                continue
+            require(_KINDS[kind](value) and in_range(value), name, expected)
+            object.__setattr__(self, name, _CASTS[kind](value))  # numpy scalars become Python ones
+        es = self.early_stopping
+        require(_is_bool(es) or es == "never", "early_stopping", "True, False or 'never'")
+        object.__setattr__(self, "early_stopping", bool(es) if _is_bool(es) else es)
+        eos = self.eos_token_id
+        ids = [eos] if _is_int(eos) else list(eos) if isinstance(eos, (list, tuple, np.ndarray)) else []
+        require(len(ids) > 0 and all(_is_int(i) and i >= 0 for i in ids),
+                "eos_token_id", "a token id (int >= 0) or a non-empty list of them")
+        object.__setattr__(self, "eos_token_id", int(eos) if _is_int(eos) else [int(i) for i in ids])
+        require(_is_int(self.pad_token_id) and self.pad_token_id >= 0, "pad_token_id", "a token id (int >= 0)")
+        object.__setattr__(self, "pad_token_id", int(self.pad_token_id))
         require(not self.do_sample or 0.0 < self.temperature < np.inf, "temperature", "> 0 when do_sample")
-        require(self.top_k >= 0, "top_k", ">= 0 (0 disables)")
-        require(0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]")
-        require(0.0 < self.repetition_penalty < np.inf, "repetition_penalty", "> 0 (1.0 disables)")
-        require(self.seed is None or self.seed >= 0, "seed", "None or >= 0")
         limit = self.num_beams if self.num_beams > 1 else (np.inf if self.do_sample else 1)
-        require(1 <= self.num_return_sequences <= limit, "num_return_sequences",
+        require(self.num_return_sequences <= limit, "num_return_sequences",
                 "in [1, num_beams] for beam search, 1 for greedy, >= 1 for sampling")
 
     @property
@@ -218,13 +255,20 @@ class Step(NamedTuple):
     done: bool  # no further step needed
 
 
+def _generators(options: GenerationOptions, requests: int) -> list[np.random.Generator] | None:
+    """One generator per request, all seeded alike: a request draws what it draws alone."""
+    return [np.random.default_rng(options.seed) for _ in range(requests)] if options.do_sample else None
+
+
 class GreedyDecoder:
     """transformers' `_sample`: argmax, or one multinomial draw per row; EOS ends a row, which then
-    receives pad_token_id until every row has ended or max_new_tokens is reached."""
+    receives pad_token_id until every row has ended or max_new_tokens is reached. Rows are
+    request-major: `rows // requests` consecutive rows per request."""
 
-    def __init__(self, options: GenerationOptions, filters: list[LogitFilter], rows: int, prompt_length: int):
+    def __init__(self, options: GenerationOptions, filters: list[LogitFilter], rows: int, prompt_length: int,
+                 requests: int | None = None):
         self.options, self.filters, self.prompt_length = options, filters, prompt_length
-        self.rng = np.random.default_rng(options.seed) if options.do_sample else None
+        self.rngs = _generators(options, requests or rows)
         self.lengths = np.full(rows, options.max_new_tokens, dtype=np.int64)  # final length of each row
         self.running = np.ones(rows, dtype=bool)
 
@@ -232,7 +276,7 @@ class GreedyDecoder:
         scores = logits.astype(np.float32, copy=True)
         for f in self.filters:
             f.apply(scores, tokens)
-        next_tokens = _sample(_softmax(scores), self.rng) if self.rng is not None else scores.argmax(axis=1)
+        next_tokens = _sample(_softmax(scores), self.rngs) if self.rngs is not None else scores.argmax(axis=1)
         next_tokens = np.where(self.running, next_tokens, self.options.pad_token_id).astype(np.int64)
         generated = tokens.shape[1] + 1 - self.prompt_length
         ended = self.running & np.isin(next_tokens, self.options.eos_ids)
@@ -245,10 +289,12 @@ class GreedyDecoder:
         return [row[self.prompt_length : self.prompt_length + n].tolist() for row, n in zip(tokens, self.lengths)]
 
 
-def _sample(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One draw per row of probs [N, V] (torch.multinomial, num_samples=1)."""
+def _sample(probs: np.ndarray, rngs: list[np.random.Generator]) -> np.ndarray:
+    """One draw per row of probs [N, V] (torch.multinomial, num_samples=1); rows are request-major,
+    N // len(rngs) per request, each request's from its own generator."""
     cdf = np.cumsum(probs, axis=1, dtype=np.float64)
-    u = rng.random(len(probs)) * cdf[:, -1]
+    per = len(probs) // len(rngs)
+    u = np.concatenate([rng.random(per) for rng in rngs]) * cdf[:, -1]
     last_possible = probs.shape[1] - 1 - (probs[:, ::-1] > 0).argmax(axis=1)  # u rounding up to the total
     return np.minimum((cdf <= u[:, None]).sum(axis=1), last_possible)
 
@@ -272,7 +318,7 @@ class BeamSearchDecoder:
     def __init__(self, options: GenerationOptions, filters: list[LogitFilter], batch: int, prompt_length: int):
         self.options, self.filters, self.prompt_length = options, filters, prompt_length
         k = options.num_beams
-        self.rng = np.random.default_rng(options.seed) if options.do_sample else None
+        self.rngs = _generators(options, batch)
         self.candidates = max(2, 1 + len(options.eos_ids)) * k
         self.running_scores = np.zeros((batch, k), dtype=np.float32)  # [B, K] sum of log probs
         self.running_scores[:, 1:] = _NEG
@@ -289,8 +335,9 @@ class BeamSearchDecoder:
         for f in self.filters:
             f.apply(scores, tokens)
         scores = (scores.reshape(b, k, v) + self.running_scores[:, :, None]).reshape(b, k * v)
-        if self.rng is not None:  # Gumbel top-k: draws without replacement, in draw order
-            flat = _topk(scores + self.rng.gumbel(size=scores.shape), self.candidates)
+        if self.rngs is not None:  # Gumbel top-k: draws without replacement, in draw order
+            gumbel = np.stack([rng.gumbel(size=scores.shape[1]) for rng in self.rngs])
+            flat = _topk(scores + gumbel, self.candidates)
         else:
             flat = _topk(scores, self.candidates)
         cand_scores = np.take_along_axis(scores, flat, 1)  # [B, C]
@@ -368,7 +415,7 @@ class DecodingTask:
         if o.num_beams > 1:
             decoder = BeamSearchDecoder(o, filters, batch, prompt_length)
         else:
-            decoder = GreedyDecoder(o, filters, len(tokens), prompt_length)
+            decoder = GreedyDecoder(o, filters, len(tokens), prompt_length, requests=batch)
 
         fresh = tokens
         while True:

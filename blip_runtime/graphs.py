@@ -86,6 +86,7 @@ class Dims:
     head_dim: int
     vocab_size: int
     itc_dim: int  # size of the ITC features (0 when the checkpoint has no ITC head)
+    max_position_embeddings: int = 0  # text position table size: prompt + new tokens fit in it (0: not recorded)
 
     def to_dict(self) -> dict:
         return asdict(self)

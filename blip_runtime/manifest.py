@@ -1,19 +1,137 @@
-"""The bundle manifest: reading and validating `manifest.json`."""
+"""The bundle manifest: reading and validating `manifest.json`.
+
+Every key the runtime reads is declared once in `SCHEMA` with the JSON type it must have, and the
+whole manifest is checked against it at load: a manifest edited by hand, truncated into another
+JSON value or written by a different tool fails here with one `BundleError` that names the key,
+not later as an AttributeError deep in the runtime. Keys the runtime does not read are left alone,
+so newer exporters may add some.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+from .decoding import _OPTION_CHECKS
 from .graphs import Dims, GraphSpec
 
 FORMAT_VERSION = 1
+FAMILIES = ("blip",)  # the values of "family" this runtime runs
 
 
 class BundleError(ValueError):
     """A bundle that cannot be used; the message names the file and says what to do."""
+
+
+# JSON types by name: bool is not an integer or a number here, None is JSON null.
+_TYPES = {
+    "object": lambda v: isinstance(v, dict),
+    "list": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+}
+_GENERATION = {name: {"int": "integer", "float": "number", "bool": "boolean"}[kind]
+               for name, (kind, _, _) in _OPTION_CHECKS.items()}
+_OPTIONAL_DIMS = {"max_position_embeddings"}  # older bundles lack it
+
+# (key path, allowed JSON types, required). Parents come before their children; "*" is every key of
+# an object, "[]" every item of a list.
+SCHEMA: tuple[tuple[str, str, bool], ...] = (
+    ("format_version", "integer", True),
+    ("family", "string", True),
+    ("architecture", "string", False),
+    ("tasks", "list", True),
+    ("tasks.[]", "string", True),
+    ("precision", "string", False),
+    ("target", "string", False),
+    ("dims", "object", True),
+    *((f"dims.{f.name}", "integer", f.name not in _OPTIONAL_DIMS) for f in fields(Dims)),
+    ("limits", "object", False),
+    ("limits.*", "integer", True),
+    ("graphs", "object", True),
+    ("graphs.*", "object", True),
+    ("graphs.*.file", "string", True),
+    ("graphs.*.sha256", "string", False),
+    ("graphs.*.profile", "object", False),
+    ("graphs.*.io", "object", True),
+    ("graphs.*.io.name", "string", True),
+    ("graphs.*.io.doc", "string", False),
+    *(item for side in ("inputs", "outputs") for item in (
+        (f"graphs.*.io.{side}", "list", True),
+        (f"graphs.*.io.{side}.[]", "object", True),
+        (f"graphs.*.io.{side}.[].name", "string", True),
+        (f"graphs.*.io.{side}.[].dtype", "string", True),
+        (f"graphs.*.io.{side}.[].shape", "list", True),
+        (f"graphs.*.io.{side}.[].shape.[]", "integer|string", True),
+    )),
+    ("tokenizer", "object", True),
+    ("tokenizer.file", "string", True),
+    ("tokenizer.sha256", "string", False),
+    ("tokenizer.model_max_length", "integer|null", False),
+    ("tokenizer.clean_up_tokenization_spaces", "boolean", False),
+    ("image", "object", True),
+    ("image.size", "object|integer|list", False),
+    ("image.size.*", "integer|null", True),
+    ("image.image_mean", "list|number|null", False),
+    ("image.image_std", "list|number|null", False),
+    ("image.rescale_factor", "number|null", False),
+    ("image.resample", "integer|null", False),
+    *((f"image.{k}", "boolean|null", False) for k in ("do_convert_rgb", "do_resize", "do_rescale", "do_normalize")),
+    ("special_tokens", "object", True),
+    *((f"special_tokens.{k}", "integer", True) for k in ("bos_token_id", "sep_token_id", "pad_token_id")),
+    ("generation", "object", True),
+    *((f"generation.{k}", t, False) for k, t in _GENERATION.items() if k != "seed"),
+    ("generation.seed", "integer|null", False),
+    ("generation.early_stopping", "boolean|string", False),
+    ("generation.max_length", "integer", False),
+    ("generation.min_length", "integer", False),
+    ("build", "object", False),
+)
+_MISSING = object()
+
+
+def _found(node, parts: list[str], where: str):
+    """(location, value) of every match of a key path below node; _MISSING where a key is absent."""
+    if not parts:
+        yield where, node
+        return
+    part, rest = parts[0], parts[1:]
+    if part == "*":
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from _found(v, rest, f"{where}.{k}" if where else k)
+    elif part == "[]":
+        if isinstance(node, list):
+            for i, v in enumerate(node):
+                yield from _found(v, rest, f"{where}[{i}]")
+    elif isinstance(node, dict):
+        at = f"{where}.{part}" if where else part
+        yield from _found(node[part], rest, at) if part in node else [(at, _MISSING)]
+
+
+def check_schema(data, path: Path) -> None:
+    """Raise BundleError for the first key of SCHEMA whose value is missing or of the wrong type."""
+    if not isinstance(data, dict):
+        raise BundleError(f"{path}: expected a JSON object, got a JSON {_json_type(data)}")
+    for key, types, required in SCHEMA:
+        allowed = types.split("|")
+        for where, value in _found(data, key.split("."), ""):
+            if value is _MISSING:
+                if required:
+                    raise BundleError(f"{path}: no {where!r} entry; expected {' or '.join(allowed)}")
+            elif not any(_TYPES[t](value) for t in allowed):
+                raise BundleError(f"{path}: {where!r} is a JSON {_json_type(value)} ({value!r:.40}); "
+                                  f"expected {' or '.join(allowed)}")
+
+
+def _json_type(value) -> str:
+    return next((t for t in ("boolean", "integer", "number", "string", "list", "object", "null") if _TYPES[t](value)),
+                type(value).__name__)
 
 
 @dataclass(frozen=True)
@@ -30,6 +148,15 @@ class Manifest:
     @property
     def special_tokens(self) -> dict:
         return self.data["special_tokens"]
+
+    @property
+    def max_positions(self) -> int | None:
+        """Size of the text position table: dims' max_position_embeddings, else (bundles that do not
+        record it) the tokenizer's model_max_length, which the exporter caps at it; None if neither."""
+        if self.dims.max_position_embeddings > 0:
+            return self.dims.max_position_embeddings
+        limit = self.data["tokenizer"].get("model_max_length")
+        return limit if isinstance(limit, int) and limit > 0 else None
 
     def graph_path(self, name: str) -> Path:
         return self.folder / self.data["graphs"][name]["file"]
@@ -70,16 +197,14 @@ def load_manifest(folder: str | Path) -> Manifest:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{path}: not valid JSON ({e})") from None
-    version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if isinstance(data, dict) and version != FORMAT_VERSION:
         raise BundleError(
             f"{path}: format_version {version!r}, this runtime reads {FORMAT_VERSION}; re-export with this version's blip-export"
         )
-    for key in ("family", "tasks", "graphs", "dims", "tokenizer", "image", "special_tokens", "generation"):
-        if key not in data:
-            raise BundleError(f"{path}: no {key!r} entry")
-    if data["family"] != "blip":
-        raise BundleError(f"{path}: family {data['family']!r}; this runtime runs 'blip' bundles")
+    check_schema(data, path)
+    if data["family"] not in FAMILIES:
+        raise BundleError(f"{path}: family {data['family']!r}; this runtime runs {', '.join(map(repr, FAMILIES))} bundles")
     graphs = {}
     for name, entry in data["graphs"].items():
         file = folder / entry["file"]
@@ -88,4 +213,5 @@ def load_manifest(folder: str | Path) -> Manifest:
         graphs[name] = GraphSpec.from_dict(entry["io"])
     if not (folder / data["tokenizer"]["file"]).is_file():
         raise BundleError(f"{folder / data['tokenizer']['file']}: tokenizer listed in the manifest but missing")
-    return Manifest(folder=folder, data=data, graphs=graphs, dims=Dims(**data["dims"]))
+    known = {f.name for f in fields(Dims)}  # a newer exporter may record more
+    return Manifest(folder=folder, data=data, graphs=graphs, dims=Dims(**{k: v for k, v in data["dims"].items() if k in known}))

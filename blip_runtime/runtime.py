@@ -15,11 +15,11 @@ from typing import Sequence
 
 import numpy as np
 
-from .decoding import GenerationOptions, generate
+from .decoding import GenerationOptions, _is_int, generate
 from .image import ImageSettings, preprocess
 from .manifest import BundleError, Manifest, load_manifest
 from .session import OrtSession, Session
-from .text import TextTokenizer
+from .text import TextTokenizer, check_text
 
 
 class DecoderInference:
@@ -84,13 +84,29 @@ def _as_list(images) -> list:
     return [images]
 
 
-def _per_image(texts, n: int, what: str) -> list[str]:
+def _texts(texts, what: str, n: int | None = None) -> list[str]:
+    """A single string is one text (for each of the n images when n is given); a list or tuple gives
+    one text per item (exactly n when n is given). Every text must be valid Unicode."""
     if isinstance(texts, str):
-        return [texts] * n
-    texts = list(texts)
-    if len(texts) != n:
+        texts = [texts] * (n or 1)
+    elif isinstance(texts, (list, tuple)) or (isinstance(texts, np.ndarray) and texts.ndim == 1):
+        texts = list(texts)
+    else:
+        raise ValueError(f"{what}: expected a str or a list of str, got {type(texts).__name__}")
+    if not texts:
+        raise ValueError(f"{what}: expected at least one text, got an empty {type(texts).__name__}")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(f"{what}[{i}]: expected a str, got {type(t).__name__}")
+        check_text(t, f"{what}[{i}]")
+    if n is not None and len(texts) != n:
         raise ValueError(f"{what}: got {len(texts)} for {n} image(s); give one per image or a single string")
     return texts
+
+
+def _grouped(items: list, n: int) -> list:
+    """B * n results, request-major -> B lists of n (n > 1); unchanged for n == 1."""
+    return items if n == 1 else [items[i : i + n] for i in range(0, len(items), n)]
 
 
 class BlipRuntime:
@@ -143,9 +159,15 @@ class BlipRuntime:
     def vision(self, images) -> dict[str, np.ndarray]:
         return self.session.run("vision", {"pixel_values": self.pixels(images)})
 
+    @property
+    def max_positions(self) -> int | None:
+        """Positions the text decoder's table has (max_position_embeddings), None if unknown."""
+        return self.manifest.max_positions
+
     def options(self, prompt_len: int, overrides: dict) -> GenerationOptions:
         """Generation options: the bundle's defaults (from the checkpoint's generation config, with
-        transformers' max_length/min_length counting the prompt), then the caller's overrides."""
+        transformers' max_length/min_length counting the prompt), then the caller's overrides.
+        eos_token_id / pad_token_id default to the bundle's [SEP] / [PAD] (BLIP stops at [SEP])."""
         known = {f.name for f in fields(GenerationOptions)}
         wrong = set(overrides) - known
         if wrong:
@@ -157,60 +179,102 @@ class BlipRuntime:
         if "min_new_tokens" not in defaults:
             values["min_new_tokens"] = max(0, defaults.get("min_length", 0) - prompt_len)
         values.update(overrides)
-        values["eos_token_id"] = self.special["sep_token_id"]  # BLIP stops at [SEP]
-        values["pad_token_id"] = self.special["pad_token_id"]
-        return GenerationOptions(**values)
+        values.setdefault("eos_token_id", self.special["sep_token_id"])
+        values.setdefault("pad_token_id", self.special["pad_token_id"])
+        options = GenerationOptions(**values)
+        vocab = self.manifest.dims.vocab_size
+        for name, ids in (("eos_token_id", options.eos_ids), ("pad_token_id", [options.pad_token_id])):
+            if max(ids) >= vocab:
+                raise ValueError(f"{name}={getattr(options, name)!r}: expected token ids below the vocabulary "
+                                 f"size {vocab}")
+        return options
 
-    def _decode(self, encoder_states, encoder_mask, prompt_ids, prompt_mask, overrides) -> list[list[int]]:
+    def _check_positions(self, longest: int, options: GenerationOptions) -> None:
+        """Refuse a request whose tokens would run past the decoder's position table (ONNX Runtime
+        would fail inside a Gather). The last generated token is never fed back, so a prompt of P
+        tokens (with [DEC]) and N new tokens use positions 0 .. P + N - 2."""
+        limit = self.max_positions
+        if limit is None or longest + options.max_new_tokens - 1 <= limit:
+            return
+        fits = limit + 1 - longest
+        what = f"a prompt of {longest} tokens ([DEC] included)" if longest > 1 else "[DEC]"
+        raise ValueError(
+            f"{what} plus max_new_tokens={options.max_new_tokens} needs "
+            f"{longest + options.max_new_tokens - 1} positions; the model has {limit} "
+            f"(max_position_embeddings): give max_new_tokens <= {fits}"
+            + (" or a shorter prompt" if longest > 1 else "")
+        )
+
+    def _decode(self, encoder_states, encoder_mask, prompt_ids, prompt_mask, options) -> list[list[int]]:
         cross = self.session.run("cross_kv", {"encoder_states": encoder_states}, keep=("cross_*",))
         inference = DecoderInference(self.session, self.manifest, cross, encoder_mask.astype(np.int64))
-        options = self.options(prompt_ids.shape[1], overrides)
         return generate(inference, prompt_ids, prompt_mask, options)
 
-    # -- tasks ------------------------------------------------------------------------------
-    def caption(self, images, prompt: str | Sequence[str] | None = None, **generation) -> list[str]:
-        """Captions, one per image; with a prompt, the caption continues it (and includes it, as
-        transformers' decode of the generated sequence does)."""
-        return self.tokenizer.batch_decode(self.caption_tokens(images, prompt, **generation))
+    def _decode_text(self, groups, n: int):
+        if n == 1:
+            return self.tokenizer.batch_decode(groups)
+        return [self.tokenizer.batch_decode(g) for g in groups]
 
-    def caption_tokens(self, images, prompt: str | Sequence[str] | None = None, **generation) -> list[list[int]]:
-        """Token ids per image: [DEC], the prompt's tokens, the generated tokens (with [SEP] if reached)."""
+    # -- tasks ------------------------------------------------------------------------------
+    def caption(self, images, prompt: str | Sequence[str] | None = None, **generation) -> list[str] | list[list[str]]:
+        """Captions, one per image; with a prompt, the caption continues it (and includes it, as
+        transformers' decode of the generated sequence does). With num_return_sequences=n > 1: one
+        list of n captions per image, best first."""
+        n = self._sequences(generation)
+        return self._decode_text(self.caption_tokens(images, prompt, **generation), n)
+
+    def caption_tokens(self, images, prompt: str | Sequence[str] | None = None, **generation) -> list:
+        """Token ids per image: [DEC], the prompt's tokens, the generated tokens (with [SEP] if reached);
+        with num_return_sequences=n > 1, one list of n such sequences per image."""
         self._need("caption")
         images = _as_list(images)
-        embeds = self.vision(images)["image_embeds"]
         bos = self.special["bos_token_id"]
         if prompt is None:
             rows = [[bos] for _ in images]
         else:
             # As transformers: the prompt's [CLS] becomes [DEC] and its [SEP] is dropped (per row).
-            ids, mask = self.tokenizer.encode(_per_image(prompt, len(images), "prompt"))
+            ids, mask = self.tokenizer.encode(_texts(prompt, "prompt", len(images)))
             rows = [[bos] + ids[i, 1 : int(mask[i].sum()) - 1].tolist() for i in range(len(images))]
         prompt_ids, prompt_mask = self._pad(rows)
+        options = self.options(prompt_ids.shape[1], generation)
+        self._check_positions(prompt_ids.shape[1], options)
+        embeds = self.vision(images)["image_embeds"]
         enc_mask = np.ones(embeds.shape[:2], np.int64)
-        generated = self._decode(embeds, enc_mask, prompt_ids, prompt_mask, generation)
-        return [r + g for r, g in zip(rows, generated)]
+        generated = self._decode(embeds, enc_mask, prompt_ids, prompt_mask, options)
+        n = options.num_return_sequences
+        return _grouped([rows[i // n] + g for i, g in enumerate(generated)], n)
 
-    def answer(self, images, questions: str | Sequence[str], **generation) -> list[str]:
-        """Answers, one per image/question pair."""
-        return self.tokenizer.batch_decode(self.answer_tokens(images, questions, **generation))
+    def answer(self, images, questions: str | Sequence[str], **generation) -> list[str] | list[list[str]]:
+        """Answers, one per image/question pair; with num_return_sequences=n > 1, one list of n
+        answers per pair, best first."""
+        n = self._sequences(generation)
+        return self._decode_text(self.answer_tokens(images, questions, **generation), n)
 
-    def answer_tokens(self, images, questions: str | Sequence[str], **generation) -> list[list[int]]:
-        """Token ids per pair: [DEC] and the generated answer (with [SEP] if reached)."""
+    def answer_tokens(self, images, questions: str | Sequence[str], **generation) -> list:
+        """Token ids per pair: [DEC] and the generated answer (with [SEP] if reached); with
+        num_return_sequences=n > 1, one list of n such sequences per pair."""
         self._need("vqa")
         images = _as_list(images)
-        embeds = self.vision(images)["image_embeds"]
-        ids, mask = self.tokenizer.encode(_per_image(questions, len(images), "questions"))
-        states = self.session.run("text_encoder", {"input_ids": ids, "attention_mask": mask, "image_embeds": embeds})
+        questions = _texts(questions, "questions", len(images))
         bos = np.full((len(images), 1), self.special["bos_token_id"], np.int64)
-        generated = self._decode(states["question_states"], mask, bos, np.ones_like(bos), generation)
-        return [[int(bos[0, 0])] + g for g in generated]
+        options = self.options(1, generation)
+        self._check_positions(1, options)
+        embeds = self.vision(images)["image_embeds"]
+        ids, mask = self.tokenizer.encode(questions)
+        states = self.session.run("text_encoder", {"input_ids": ids, "attention_mask": mask, "image_embeds": embeds})
+        generated = self._decode(states["question_states"], mask, bos, np.ones_like(bos), options)
+        return _grouped([[int(bos[0, 0])] + g for g in generated], options.num_return_sequences)
+
+    def _sequences(self, generation: dict) -> int:
+        """num_return_sequences as the options will have it (the bundle may set a default)."""
+        return self.options(1, generation).num_return_sequences
 
     def match(self, images, texts: str | Sequence[str]) -> np.ndarray:
         """ITM: probability float32 [B] that image i matches text i."""
         self._need("itm")
         images = _as_list(images)
         embeds = self.vision(images)["image_embeds"]
-        ids, mask = self.tokenizer.encode(_per_image(texts, len(images), "texts"))
+        ids, mask = self.tokenizer.encode(_texts(texts, "texts", len(images)))
         logits = self.session.run("text_encoder", {"input_ids": ids, "attention_mask": mask, "image_embeds": embeds})
         z = logits["itm_logits"].astype(np.float64)
         p = np.exp(z - z.max(axis=1, keepdims=True))
@@ -224,8 +288,7 @@ class BlipRuntime:
     def text_features(self, texts: str | Sequence[str]) -> np.ndarray:
         """ITC text features, L2-normalized: float32 [T, E]."""
         self._need("itc")
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        ids, mask = self.tokenizer.encode(texts)
+        ids, mask = self.tokenizer.encode(_texts(texts, "texts"))
         return self.session.run("text_features", {"input_ids": ids, "attention_mask": mask})["text_feat"]
 
     @staticmethod
@@ -233,9 +296,12 @@ class BlipRuntime:
         """Cosine similarity float32 [I, T] between normalized features; rank with argsort."""
         return image_features @ text_features.T
 
-    def retrieve(self, images, texts: Sequence[str], batch_size: int = 16) -> np.ndarray:
-        """Similarity [I, T] of every image with every text, features computed in batches."""
-        images = _as_list(images)
+    def retrieve(self, images, texts: str | Sequence[str], batch_size: int = 16) -> np.ndarray:
+        """Similarity [I, T] of every image with every text (a single string is one text), features
+        computed in batches of batch_size."""
+        if not _is_int(batch_size) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
+        images, texts = _as_list(images), _texts(texts, "texts")
         img = np.concatenate([self.image_features(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
         txt = np.concatenate([self.text_features(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
         return self.similarity(img, txt)

@@ -17,6 +17,7 @@ BERT to True). It is not stored in `tokenizer.json`, so it is a constructor argu
 from __future__ import annotations
 
 import os
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -32,11 +33,25 @@ def _clean_up_tokenization(text: str) -> str:
     )
 
 
+def check_text(text: str, where: str) -> None:
+    """Raise ValueError unless `text` is valid Unicode (encodes as UTF-8). A lone surrogate comes
+    from a broken str, or from command-line bytes that were not UTF-8: Python turns byte 0xff into
+    U+DCFF; tokenizers would fail on it with a bare TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        code = ord(bad)
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        raise ValueError(f"{where}: not valid Unicode text ({what} at index {e.start}); expected UTF-8 text") from None
+
+
 class TextTokenizer:
     """Encode prompts / questions to ids and decode generated ids, as BlipProcessor does.
 
     BERT-style tokenizers only (BLIP-1 and the BLIP-2 Q-Former): it needs [CLS], [SEP], [PAD].
-    `encode` sets truncation on the shared Rust tokenizer for the call: one thread per instance.
+    `encode` sets truncation on the shared Rust tokenizer for the call, under a lock, so that
+    threads sharing one instance never see each other's setting.
     """
 
     def __init__(
@@ -61,6 +76,7 @@ class TextTokenizer:
         self.cls_token_id = self._required_id(cls_token)
         self.sep_token_id = self._required_id(sep_token)
         self._num_special = self._tok.num_special_tokens_to_add(False)
+        self._lock = threading.Lock()
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **kwargs) -> TextTokenizer:
@@ -103,6 +119,7 @@ class TextTokenizer:
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise ValueError(f"texts[{i}] must be a str, got {type(t).__name__}")
+            check_text(t, f"texts[{i}]")
         if padding not in ("longest", "max_length"):
             raise ValueError(f'padding must be "longest" or "max_length", got {padding!r}')
         limit = self.model_max_length if max_length is None else max_length
@@ -112,14 +129,15 @@ class TextTokenizer:
             # transformers silently skips truncation below the number of specials; refuse instead.
             raise ValueError(f"max_length must be an int >= {self._num_special}, got {limit!r}")
 
-        if limit is None:
-            self._tok.no_truncation()
-        else:
-            self._tok.enable_truncation(int(limit), stride=0, strategy="longest_first", direction="right")
-        try:
-            rows = [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=True)]
-        finally:
-            self._tok.no_truncation()
+        with self._lock:
+            if limit is None:
+                self._tok.no_truncation()
+            else:
+                self._tok.enable_truncation(int(limit), stride=0, strategy="longest_first", direction="right")
+            try:
+                rows = [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=True)]
+            finally:
+                self._tok.no_truncation()
 
         width = limit if padding == "max_length" else max(len(r) for r in rows)
         ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
