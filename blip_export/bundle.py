@@ -1,7 +1,8 @@
 """Export a BLIP checkpoint folder into an engine bundle (manifest.json, graphs, tokenizer.json).
 
-The bundle is built in a temporary folder beside the destination and renamed into place only
-when complete, so an interrupted export never leaves half a bundle.
+The bundle is built in a staging folder beside the destination and moved into place only when
+complete, so an interrupted export never leaves half a bundle; a destination that is not a bundle
+(or empty) is refused, never replaced (files.check_output).
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import shutil
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -19,10 +18,11 @@ from pathlib import Path
 from blip_runtime.graphs import Dims, GraphSpec, Limits, blip_graphs, random_feeds
 from blip_runtime.image import CLIP_MEAN, CLIP_STD, ImageSettings
 from blip_runtime.manifest import FORMAT_VERSION
+from blip_runtime.processor_config import image_processor_config
 
 from .config import BlipConfig
 from .errors import CheckpointError
-from .files import replace_dir, sha256
+from .files import ExportError, check_output, copy_file, install, sha256, staging
 from .loading import load_model
 from .modeling.common import ort_attention as ort_attention_export
 from .onnx_export import compare, export_graph, reference_outputs, verify_sizes
@@ -36,10 +36,6 @@ TASKS_OF = {
 FP32_TOLERANCE = 1e-4  # relative error of each graph against the reference module
 
 
-class ExportError(RuntimeError):
-    """An export that cannot go on; the message is one line for the CLI."""
-
-
 @dataclass
 class ExportReport:
     bundle: Path
@@ -47,6 +43,15 @@ class ExportReport:
     errors: dict[str, dict] = field(default_factory=dict)  # graph -> {"max_abs", "rel"} vs the reference module
     seconds: float = 0.0
     accuracy: dict | None = None  # reduced precision: errors vs the fp32 bundle (as in the manifest)
+    notes: list[str] = field(default_factory=list)  # what the user should know (image settings defaulted, ...)
+    precision: str = "fp32"  # the form the bundle holds (pipeline.PRECISIONS' canonical names)
+    target: str = "onnx"
+
+    def to_dict(self) -> dict:
+        """JSON-ready, for `blip-export --json`."""
+        return {"bundle": str(self.bundle), "tasks": list(self.tasks), "precision": self.precision,
+                "target": self.target, "errors": self.errors, "accuracy": self.accuracy, "notes": list(self.notes),
+                "seconds": round(self.seconds, 3)}
 
 
 def model_dims(config: BlipConfig) -> Dims:
@@ -76,25 +81,30 @@ def select_tasks(config: BlipConfig, requested: list[str] | None) -> list[str]:
     return list(requested)
 
 
-def image_settings(folder: Path, config: BlipConfig) -> ImageSettings:
-    path = folder / "preprocessor_config.json"
-    if path.is_file():
-        try:
-            settings = ImageSettings.from_preprocessor_config(json.loads(path.read_text(encoding="utf-8")))
-        except ValueError as e:
-            raise CheckpointError(path, str(e)) from None
-    else:  # BLIP's processor defaults, at the model's image size
+def image_settings(folder: Path, config: BlipConfig) -> tuple[ImageSettings, str]:
+    """The checkpoint's image preprocessing and where it came from: "processor_config.json" (nested,
+    as transformers 5's BlipProcessor.save_pretrained writes it), "preprocessor_config.json", or
+    "defaults" (BLIP's processor defaults at the model's image size) when the folder has neither."""
+    try:
+        data, path = image_processor_config(folder)  # ValueError names the file
+    except ValueError as e:
+        raise CheckpointError(folder, str(e)) from None
+    if data is None:
         size = config.vision.image_size
-        settings = ImageSettings(size=(size, size), mean=CLIP_MEAN, std=CLIP_STD)
+        return ImageSettings(size=(size, size), mean=CLIP_MEAN, std=CLIP_STD), "defaults"
+    try:
+        settings = ImageSettings.from_preprocessor_config(data)
+    except ValueError as e:
+        raise CheckpointError(path, str(e)) from None
     if settings.size != (config.vision.image_size, config.vision.image_size):
         raise CheckpointError(path, f"size {settings.size} differs from config.json image_size {config.vision.image_size}")
-    return settings
+    return settings, path.name
 
 
 def copy_tokenizer(folder: Path, dest: Path) -> None:
     """tokenizer.json, or one built from vocab.txt as BlipProcessor's BertTokenizerFast builds it."""
     if (folder / "tokenizer.json").is_file():
-        shutil.copy(folder / "tokenizer.json", dest)
+        copy_file(folder / "tokenizer.json", dest)
         return
     vocab = folder / "vocab.txt"
     if not vocab.is_file():
@@ -176,7 +186,8 @@ def verify(model, spec: GraphSpec, dims: Dims, path: Path, with_feat: bool) -> d
 
 
 def default_output(folder: Path, precision: str) -> Path:
-    return Path(__file__).resolve().parent.parent / "engines" / f"{folder.resolve().name}-{precision}"
+    """engines/<model>-<precision> under the working folder: never inside the installed package."""
+    return Path.cwd() / "engines" / f"{Path(folder).resolve().name}-{precision}"
 
 
 def export_bundle(
@@ -203,23 +214,24 @@ def export_bundle(
     folder = Path(checkpoint)
     if precision != "fp32":
         raise ExportError(f"--precision {precision}: only fp32 is available in this version")
+    dest = check_output(output if output else default_output(folder, precision), overwrite)  # before any work
     model, config = load_model(folder)
     chosen = select_tasks(config, tasks)
     dims = model_dims(config)
-    settings = image_settings(folder, config)
+    settings, image_source = image_settings(folder, config)
+    notes = []
+    if image_source == "defaults":
+        notes.append(f"{folder}: no processor_config.json or preprocessor_config.json; using BLIP's image "
+                     f"defaults ({settings.size[0]} px bicubic, CLIP mean/std); the manifest records it")
+        say(notes[-1])
     graphs = blip_graphs(dims, set(chosen), config.architecture, keys_transposed=not ort_attention)
-    dest = Path(output) if output else default_output(folder, precision)
-    if dest.exists() and not overwrite:
-        raise ExportError(f"{dest}: already exists")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with staging(dest) as tmp:
         copy_tokenizer(folder, tmp / "tokenizer.json")
         with_feat = "itc" in chosen
         text = config.text
         meta = {"family": "blip", "architecture": config.architecture, **dims.to_dict(),
                 "bos_token_id": text.bos_token_id, "sep_token_id": text.sep_token_id, "pad_token_id": text.pad_token_id}
-        report = ExportReport(bundle=dest, tasks=chosen)
+        report = ExportReport(bundle=dest, tasks=chosen, notes=notes)
         entries = {}
         for name, spec in graphs.items():
             path = tmp / f"{name}.onnx"
@@ -250,7 +262,7 @@ def export_bundle(
             **({"attention_op": "com.microsoft.MultiHeadAttention"} if ort_attention else {}),
             "tokenizer": {"file": "tokenizer.json", "sha256": sha256(tmp / "tokenizer.json"),
                           **tokenizer_settings(folder, text.max_position_embeddings)},
-            "image": settings.to_dict(),
+            "image": {**settings.to_dict(), "source": image_source},
             "generation": generation_defaults(folder, config),
             "special_tokens": {"bos_token_id": text.bos_token_id, "sep_token_id": text.sep_token_id,
                                "pad_token_id": text.pad_token_id},
@@ -266,10 +278,7 @@ def export_bundle(
             },
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        install(tmp, dest, overwrite)
     report.seconds = time.time() - start
     return report
 

@@ -2,6 +2,9 @@
 then caption, answer and retrieve on a few test-split images, with timings.
 
     python -m blip_export.demo [--precision fp32 int8 ...] [--output engines]
+
+Bundles go to ./engines under the working folder by default (never into the installed package);
+"int8" is the form that runs fastest here, ONNX Runtime's CPU form (pipeline.resolve_precision).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import time
 from pathlib import Path
 
 from .defaults import default_models, sample_images
+from .pipeline import PRECISIONS
 
 
 def timed(fn, *args, **kwargs):
@@ -22,14 +26,16 @@ def timed(fn, *args, **kwargs):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m blip_export.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--precision", nargs="+", default=["fp32", "int8"], help="bundles to build and run")
-    p.add_argument("--output", type=Path, default=Path(__file__).resolve().parent.parent / "engines")
+    p.add_argument("--precision", nargs="+", default=["fp32", "int8"], choices=PRECISIONS,
+                   help="bundles to build and run (int8: ONNX Runtime's CPU form, int8-cpu)")
+    p.add_argument("--output", type=Path, default=Path("engines"),
+                   help="parent folder of the bundles (default: ./engines)")
     args = p.parse_args(argv)
 
     from blip_runtime import BlipRuntime
 
-    from .bundle import ExportError
-    from .pipeline import export
+    from .files import ExportError
+    from .pipeline import export, resolve_precision
 
     models = default_models()
     if not models:
@@ -38,11 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     samples = sample_images()
     images = [s["path"] for s in samples]
     for precision in args.precision:
-        print(f"== {precision} ==")
+        form = resolve_precision(precision)
+        print(f"== {precision} ==" if form == precision else f"== {precision} ({form}) ==")
         runtimes = {}
         for name, folder in models.items():
             try:
-                report, seconds = timed(export, folder, args.output / f"{name}-{precision}", precision=precision)
+                report, seconds = timed(export, folder, args.output / f"{name}-{form}", precision=precision)
             except ExportError as e:
                 print(f"demo: {name}: {e}", file=sys.stderr)
                 return 1

@@ -1,23 +1,196 @@
-"""File helpers shared by every stage that writes a bundle. No torch here: engines are built on the
-target device (a Jetson, say) from an ONNX bundle, where torch may not be installed."""
+"""Where bundles are written: the destination check, the staging folder and the move into place.
+No torch here: engines are built on the target device (a Jetson, say) from an ONNX bundle, where
+torch may not be installed.
+
+A destination is replaced only when it is itself a bundle (its manifest.json says so) or an empty
+folder; anything else (a folder with other files, a regular file, a symbolic link) is refused
+before any work starts, and checked again just before the move. A bundle is written into a staging
+folder beside the destination, `.<name>.<random>/`, which holds an owner file (pid, the process's
+start time, the boot id) and the bundle itself in `<name>/`: an export killed with SIGKILL leaves the
+staging folder behind, and the next export to the same place removes it once its owner is gone
+(never a live export's). Folders are made with os.mkdir, so they get the user's umask like any
+folder the user makes (tempfile.mkdtemp would make them private).
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from blip_runtime.manifest import sha256  # one digest for writing and for verifying bundles
 
-__all__ = ["replace_dir", "sha256"]
+__all__ = ["ExportError", "check_output", "install", "is_bundle", "remove_stale", "sha256", "staging"]
+
+OWNER_FILE = "owner.json"  # in the staging folder, beside the bundle being written (never in it)
 
 
-def replace_dir(tmp: Path, dest: Path) -> None:
-    """Move a finished bundle folder into place; an older bundle at `dest` is removed only after."""
-    old = None
+class ExportError(RuntimeError):
+    """An export that cannot go on; the message is one line for the CLI."""
+
+
+def output_path(dest: str | os.PathLike) -> Path:
+    """`dest` as an absolute path with `.` and `..` folded (`--output .` names the working folder)."""
+    return Path(os.path.abspath(os.fspath(dest)))
+
+
+def is_bundle(folder: Path) -> bool:
+    """True when `folder/manifest.json` is an engine bundle's manifest (a JSON object with the
+    format version, family and graphs every bundle's manifest has)."""
+    path = Path(folder) / "manifest.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and all(k in data for k in ("format_version", "family", "graphs"))
+
+
+def check_output(dest: str | os.PathLike, overwrite: bool = True) -> Path:
+    """The absolute destination if a bundle may be written there, else ExportError naming it.
+
+    Accepted: a path that does not exist (its parent, if it exists, a folder), an empty folder, or
+    (with overwrite) a folder holding a bundle, which is replaced."""
+    dest = output_path(dest)
+    expected = "expected a new or empty folder, or an existing bundle to replace"
+    if not dest.name:
+        raise ExportError(f"--output {dest}: the root folder cannot hold a bundle; {expected}")
+    if dest.is_symlink():
+        raise ExportError(f"--output {dest}: a symbolic link; give the folder itself ({expected})")
     if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if not dest.is_dir():
+            raise ExportError(f"--output {dest}: a file, not a folder; {expected}")
+        if is_bundle(dest):
+            if not overwrite:
+                raise ExportError(f"--output {dest}: a bundle is already there")
+        elif any(True for _ in dest.iterdir()):
+            count = sum(1 for _ in dest.iterdir())
+            raise ExportError(f"--output {dest}: a folder with {count} other file(s) and no bundle manifest; "
+                              f"{expected}; nothing was written")
+    for parent in dest.parents:  # the nearest existing ancestor must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise ExportError(f"--output {dest}: {parent} is a file, not a folder")
+            break
+    return dest
+
+
+# -- staging folders and their owners -----------------------------------------------------------
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _start_time(pid: int) -> tuple[str | None, str | None]:
+    """(start time in clock ticks since boot, state) of `pid` from /proc, or (None, None)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None, None
+    fields = stat[stat.rindex(")") + 2:].split()  # the name may hold spaces and parentheses
+    return fields[19], fields[0]  # stat fields 22 (starttime) and 3 (state), counted after the name
+
+
+def _owner() -> dict:
+    start, _ = _start_time(os.getpid())
+    return {"pid": os.getpid(), "start_time": start, "boot_id": _boot_id()}
+
+
+def owner_alive(owner: dict) -> bool:
+    """Whether the process that wrote `owner` (see _owner) still runs. A pid reused by another
+    process after a reboot or a restart is told apart by the boot id and the start time."""
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    boot = _boot_id()
+    if owner.get("boot_id") and boot and owner["boot_id"] != boot:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        pass
+    start, state = _start_time(pid)
+    if state == "Z":  # exited, not yet reaped by its parent
+        return False
+    return not (start and owner.get("start_time") and start != owner["start_time"])
+
+
+def remove_stale(dest: Path) -> list[Path]:
+    """Remove the staging folders of dead exports to `dest` (beside it, `.<name>.*` holding an owner
+    file whose process is gone). Folders without an owner file, or with a live owner, stay."""
+    dest = output_path(dest)
+    removed = []
+    if not dest.parent.is_dir():
+        return removed
+    for path in dest.parent.glob(f".{dest.name}.*"):
+        owner_file = path / OWNER_FILE
+        if path.is_symlink() or not owner_file.is_file():
+            continue
+        try:
+            owner = json.loads(owner_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(owner, dict) and not owner_alive(owner):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _mkdir_unique(parent: Path, prefix: str) -> Path:
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            os.mkdir(path)  # mode 0o777 less the umask, as any folder the user makes
+            return path
+        except FileExistsError:
+            continue
+
+
+@contextmanager
+def staging(dest: str | os.PathLike, kind: str = "") -> Iterator[Path]:
+    """A folder to write the bundle for `dest` into; `install(path, dest)` moves it into place.
+    Stale staging folders of dead exports to `dest` are removed first. Whatever happens (an error,
+    KeyboardInterrupt, SIGTERM turned into KeyboardInterrupt by the CLI), the staging folder is
+    removed on the way out; only SIGKILL leaves it, for the next export to remove.
+    kind: a word in the folder name (`.<name>.<kind>.<random>`) saying what it is for."""
+    dest = output_path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(dest)
+    root = _mkdir_unique(dest.parent, f".{dest.name}.{kind + '.' if kind else ''}")
+    try:
+        (root / OWNER_FILE).write_text(json.dumps(_owner()) + "\n", encoding="utf-8")
+        payload = root / dest.name
+        os.mkdir(payload)
+        yield payload
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def install(payload: Path, dest: str | os.PathLike, overwrite: bool = True) -> None:
+    """Move the finished bundle `payload` (a staging() folder) to `dest`, checked again first.
+    An older bundle at `dest` is moved into the staging folder and removed with it, so `dest` is
+    never without a complete bundle. An empty folder at `dest` is kept (its inode, its mode: it
+    may be the user's working folder) and the files are moved into it, manifest.json last."""
+    dest = check_output(dest, overwrite)
+    if dest.is_dir() and not is_bundle(dest):  # empty (check_output refused anything else)
+        items = sorted(payload.iterdir(), key=lambda p: p.name == "manifest.json")
+        for item in items:
+            os.replace(item, dest / item.name)
+        return
+    if dest.exists():
+        os.replace(dest, payload.parent / f"{dest.name}.old")
+    os.replace(payload, dest)
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy the bytes only: the copy gets the user's umask, not the source's mode."""
+    shutil.copyfile(src, dst)

@@ -1,26 +1,56 @@
 """The whole `blip-export` job: fp32 ONNX graphs, then the precision, then TensorRT engines.
 
-Each stage writes a complete bundle; intermediate bundles live in a temporary folder beside the
-output and the final one is renamed into place, so a failure at any stage leaves nothing behind.
+Each stage writes a complete bundle; intermediate bundles live in a staging folder beside the
+output and the final one is moved into place, so a failure at any stage leaves nothing behind.
+
+Precisions. "int8" asks for the fastest int8 form where the bundle runs: ONNX Runtime's CPU form
+(dynamic int8 MatMul and ONNX Runtime's attention operator: "int8-cpu") for --target onnx, symmetric
+Q/DQ ("int8-qdq", the only int8 TensorRT builds) for --target trt. The Q/DQ form in an ONNX bundle,
+for ONNX Runtime's TensorRT or CUDA providers, is asked for by name: --precision int8-qdq. On a CPU,
+ONNX Runtime runs Q/DQ graphs slower than fp32 (it dequantizes around every MatMul). The manifest's
+"precision" is always the form ("int8-cpu" or "int8-qdq"), never the bare "int8".
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from blip_runtime.graphs import Limits
 from blip_runtime.image import load_image
 
-from .bundle import ExportError, ExportReport, default_output, export_bundle
+from .bundle import ExportReport, default_output, export_bundle
 from .defaults import calibration_images
+from .files import ExportError, check_output, staging
 
-PRECISIONS = ("fp32", "fp16", "int8", "int8-cpu")
+FORMS = ("fp32", "fp16", "int8-cpu", "int8-qdq")  # what a bundle holds (its manifest's "precision")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-cpu", "int8-qdq")  # what may be asked for
+TARGETS = ("onnx", "trt")
 # Forms that run on ONNX Runtime only: TensorRT cannot build them, and they are converted from fp32
 # graphs that use ONNX Runtime's own operators (export_bundle(ort_attention=True)).
 ORT_ONLY = frozenset({"int8-cpu"})
+CALIBRATED = frozenset({"int8-qdq"})  # forms with static activation scales from calibration images
+
+
+def resolve_precision(precision: str, target: str = "onnx") -> str:
+    """The form of `precision` for `target`: "int8" -> "int8-cpu" (onnx) or "int8-qdq" (trt); the
+    others are forms already. ExportError for an unknown name or a form `target` cannot run."""
+    if precision not in PRECISIONS:
+        raise ExportError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    if target not in TARGETS:
+        raise ExportError(f"--target {target}: expected onnx or trt")
+    if precision == "int8":
+        return "int8-qdq" if target == "trt" else "int8-cpu"
+    if target == "trt" and precision in ORT_ONLY:
+        raise ExportError(f"--precision {precision} is ONNX Runtime's CPU form; TensorRT takes --precision int8 "
+                          "(Q/DQ, also named int8-qdq)")
+    return precision
+
+
+def output_for(checkpoint: str | Path, precision: str, target: str = "onnx") -> Path:
+    """The default bundle folder: ./engines/<model>-<form>[-trt] under the working folder."""
+    form = resolve_precision(precision, target)
+    return default_output(Path(checkpoint), form if target == "onnx" else f"{form}-trt")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
@@ -53,13 +83,13 @@ def export(
     quantize_all: bool = False,
     progress=None,
 ) -> ExportReport:
-    """Export `checkpoint` to a bundle of `precision` for `target` ("onnx" or "trt") at `output`.
+    """Export `checkpoint` to a bundle of `precision` for `target` ("onnx" or "trt") at `output`
+    (default: output_for). precision: one of PRECISIONS; "int8" is resolved for the target
+    (resolve_precision) and the report's and manifest's precision say which form was written.
     quantize_all: int8 forms quantize every layer instead of keeping the ones that lose too much in fp32."""
     start = time.time()
-    if precision not in PRECISIONS:
-        raise ExportError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
-    if target not in ("onnx", "trt"):
-        raise ExportError(f"--target {target}: expected onnx or trt")
+    form = resolve_precision(precision, target)
+    dest = check_output(output if output else output_for(checkpoint, precision, target))  # before any work
     build_engines = None
     if target == "trt":  # before any work: a machine without TensorRT or a GPU stops at once
         from .trt_build import build_engines, check_trt_available
@@ -67,26 +97,23 @@ def export(
         reason = check_trt_available()
         if reason:
             raise ExportError(f"--target trt: {reason}; use --target onnx")
-        if precision in ORT_ONLY:
-            raise ExportError(f"--precision {precision} is ONNX Runtime's CPU form; TensorRT takes --precision int8 (Q/DQ)")
     calib = find_images(Path(calib_images)) if calib_images else None
-    if precision == "int8" and calib is None:
+    if form in CALIBRATED and calib is None:
         calib = calibration_images()
-    dest = Path(output) if output else default_output(Path(checkpoint), precision if target == "onnx" else f"{precision}-trt")
-    if precision == "fp32" and target == "onnx":
-        return export_bundle(checkpoint, dest, tasks, precision, limits, progress=progress)
+    if form == "fp32" and target == "onnx":
+        report = export_bundle(checkpoint, dest, tasks, form, limits, progress=progress)
+        report.seconds = time.time() - start
+        return report
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.work.", dir=dest.parent))
-    try:
+    with staging(dest, "work") as work:
         report = export_bundle(checkpoint, work / "fp32", tasks, "fp32", limits, progress=progress,
-                               ort_attention=precision in ORT_ONLY)
+                               ort_attention=form in ORT_ONLY)
         onnx_bundle = work / "fp32"
-        if precision != "fp32":
+        if form != "fp32":
             from .precision import INT8_BOUND, convert_bundle
 
-            onnx_bundle = dest if target == "onnx" else work / precision
-            data = convert_bundle(work / "fp32", onnx_bundle, precision, calib_images=calib,
+            onnx_bundle = dest if target == "onnx" else work / form
+            data = convert_bundle(work / "fp32", onnx_bundle, form, calib_images=calib,
                                   bound=None if quantize_all else INT8_BOUND, progress=progress)
             report.accuracy = data.get("accuracy")
         if build_engines is not None:
@@ -97,8 +124,6 @@ def export(
                 build_engines(onnx_bundle, dest, limits, cache, progress=progress)
             except TrtBuildError as e:
                 raise ExportError(str(e)) from None
-        report.bundle = dest
-        report.seconds = time.time() - start
-        return report
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    report.bundle, report.precision, report.target = dest, form, target
+    report.seconds = time.time() - start
+    return report

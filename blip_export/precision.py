@@ -5,7 +5,7 @@ TensorRT 10/11 builds strongly typed networks (no FP16/INT8 builder flags, no ca
 precision of every tensor is decided here and TensorRT only compiles it. ONNX Runtime on the CPU runs
 the same files, which is how the tests check them. INT8 lives in quantize.py, calibration data and
 the end-to-end comparison in calibration.py; convert_bundle (here) turns an fp32 bundle folder into
-an fp16 / int8 / int8-cpu one with its measured accuracy in the manifest.
+an fp16 / int8-qdq / int8-cpu one with its measured accuracy in the manifest.
 
 Graph inputs and outputs keep the dtypes of the I/O table (blip_runtime.graphs: float32 tensors,
 int64 ids and masks) in every precision, so the runtime feeds every bundle the same arrays. The
@@ -17,8 +17,6 @@ until a benchmark says so.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,8 +27,7 @@ import numpy as np
 from blip_runtime import BlipRuntime
 from blip_runtime.manifest import load_manifest
 
-from .bundle import ExportError
-from .files import replace_dir, sha256
+from .files import ExportError, check_output, copy_file, install, sha256, staging
 from .calibration import calibration_feeds, compare_runtimes
 from .measure import check_typed, graph_errors, ort_session, run_all, set_metadata, tensor_types
 from .quantize import HOLDOUT_FRACTION, INT8_BOUND, to_int8, to_int8_cpu
@@ -168,7 +165,7 @@ def _fold_round_trips(graph) -> int:
 
 # -- bundles -------------------------------------------------------------------------------------
 
-PRECISIONS = ("fp16", "int8", "int8-cpu")
+PRECISIONS = ("fp16", "int8-qdq", "int8-cpu")  # the forms convert_bundle writes (the manifest's "precision")
 
 
 def synthetic_images(n: int, size: int = 64, seed: int = 0) -> list[np.ndarray]:
@@ -209,7 +206,9 @@ def convert_bundle(
     progress=None,
 ) -> dict:
     """Write the `precision` form of the fp32 bundle at `fp32_bundle` to `dst`; returns its manifest.
-    For int8-cpu, blip-export converts from an fp32 bundle exported with ort_attention=True (its
+    precision: fp16, int8-qdq (symmetric Q/DQ: TensorRT's form, and ONNX Runtime's TensorRT / CUDA
+    providers'), int8-cpu (ONNX Runtime's CPU form), or int8, which means int8-cpu here (an ONNX
+    bundle: pipeline.resolve_precision). For int8-cpu, blip-export converts from an fp32 bundle exported with ort_attention=True (its
     attention as ONNX Runtime's MultiHeadAttention); a standard fp32 bundle converts as well.
 
     calib_images (paths, PIL images or uint8 HxWx3 arrays) with optional calib_texts (one caption
@@ -220,32 +219,34 @@ def convert_bundle(
     are kept in fp32 (quantize.search_exclusions); None quantizes every layer with no search (the
     layers excluded by rule stay excluded); method: int8 calibration (minmax, percentile, entropy).
     """
+    from .pipeline import resolve_precision  # pipeline imports this module lazily
+
     say = progress or (lambda msg: None)
-    src, dst = Path(fp32_bundle), Path(dst)
+    src = Path(fp32_bundle)
+    precision = resolve_precision(precision, "onnx")
     if precision not in PRECISIONS:
-        raise ExportError(f"--precision {precision}: expected one of fp32, {', '.join(PRECISIONS)}")
+        raise ExportError(f"--precision {precision}: expected one of int8, {', '.join(PRECISIONS)}")
+    dst = check_output(dst)
     manifest = load_manifest(src)
     if manifest.data.get("precision", "fp32") != "fp32":
         raise ExportError(f"{src}: a {manifest.data['precision']} bundle; convert from the fp32 bundle")
-    if precision != "int8" and holdout_images is None:  # nothing to calibrate: every image measures
+    if precision != "int8-qdq" and holdout_images is None:  # nothing to calibrate: every image measures
         holdout_images, holdout_texts = calib_images or synthetic_images(4, manifest.dims.image_size), calib_texts
         calib_images, calib_texts = [], None
     calib_images, calib_texts, holdout_images, holdout_texts = _split(
         calib_images, calib_texts, holdout_images, holdout_texts)
-    if precision == "int8" and not calib_images:
-        raise ExportError("int8 needs calibration images (at least 2 when no held-out images are given: "
+    if precision == "int8-qdq" and not calib_images:
+        raise ExportError("int8-qdq needs calibration images (at least 2 when no held-out images are given: "
                           "a quarter is held out to measure the accuracy)")
     reference = BlipRuntime.load(src)
     say(f"recording fp32 feeds on {len(holdout_images)} held-out image(s)")
     held = calibration_feeds(reference, holdout_images, holdout_texts)
     calib = {}
-    if precision == "int8":
+    if precision == "int8-qdq":
         say(f"recording fp32 feeds on {len(calib_images)} calibration image(s)")
         calib = calibration_feeds(reference, calib_images, calib_texts)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with staging(dst) as tmp:
         data = json.loads((src / "manifest.json").read_text(encoding="utf-8"))
         graphs, accuracy = {}, {}
         for name, entry in data["graphs"].items():
@@ -255,7 +256,7 @@ def convert_bundle(
                 raise ExportError(f"{name}: the held-out run never fed this graph")
             if precision == "fp16":
                 info = to_fp16(source, target, name)
-            elif precision == "int8":
+            elif precision == "int8-qdq":
                 info = to_int8(source, target, name, calib[name], held[name], bound=bound, method=method, progress=say)
             else:
                 info = to_int8_cpu(source, target, name, held[name], bound=bound, progress=say)
@@ -264,7 +265,7 @@ def convert_bundle(
             graphs[name] = {**entry, "sha256": sha256(target), "precision": info}
         for item in src.iterdir():  # tokenizer and anything else the bundle carries
             if item.is_file() and item.suffix != ".onnx" and item.name != "manifest.json":
-                shutil.copy(item, tmp / item.name)
+                copy_file(item, tmp / item.name)
         import onnxruntime
 
         data.update(precision=precision, graphs=graphs)
@@ -280,10 +281,7 @@ def convert_bundle(
         say("end-to-end comparison on held-out images")
         data["accuracy"]["end_to_end"] = compare_runtimes(reference, BlipRuntime.load(tmp), holdout_images, holdout_texts)
         _write(tmp, data)
-        replace_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        install(tmp, dst)
     return data
 
 

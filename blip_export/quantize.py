@@ -293,8 +293,8 @@ def to_int8(
         by_rule = attention_prob_matmuls(pre) if keep_attention_probs else []
         result = _search(src, pre, quantize, held, (bound, min_top1), granularity, work, say, False, by_rule)
         result["excluded_by_rule"] = by_rule
-        _finish(result["path"], dst, "int8")
-    return {"precision": "int8", "format": "qdq-symmetric-int8", "graph": graph,
+        _finish(result["path"], dst, "int8-qdq")
+    return {"precision": "int8-qdq", "format": "qdq-symmetric-int8", "graph": graph,
             "calibration": {"method": method, "feeds": len(calib), "held_out_feeds": len(held)},
             **_describe(result, bound, min_top1)}
 

@@ -15,8 +15,6 @@ tensorrt and polygraphy are imported only when building, so this module imports 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,7 +23,7 @@ from blip_runtime.graphs import Limits, profile_shapes
 from blip_runtime.manifest import BundleError, load_manifest
 from blip_runtime.trt_session import trt_unavailable_reason
 
-from .files import replace_dir, sha256
+from .files import ExportError, check_output, copy_file, install, sha256, staging
 
 
 class TrtBuildError(RuntimeError):
@@ -95,7 +93,7 @@ def build_engines(bundle_dir: Path, dst: Path, limits: Limits, timing_cache: Pat
                   tf32: bool = False, progress=None) -> dict:
     """Build `<graph>.engine` for every graph of the ONNX bundle `bundle_dir` and write a bundle with
     target "trt" at `dst` (tokenizer and settings copied, manifest with the TensorRT version, GPU and
-    compute capability, each graph's profile). Written to a temporary folder and renamed into place,
+    compute capability, each graph's profile). Written to a staging folder and moved into place (files.staging),
     so a failed build leaves nothing. Returns the new manifest. Raises TrtBuildError."""
     from . import trt_onnx_support
     import onnx
@@ -116,11 +114,12 @@ def build_engines(bundle_dir: Path, dst: Path, limits: Limits, timing_cache: Pat
         if found:
             more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
             raise TrtBuildError(f"{path}: TensorRT's ONNX parser would refuse it: {found[0]}{more}")
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
-        shutil.copy(source.folder / source.data["tokenizer"]["file"], tmp / source.data["tokenizer"]["file"])
+        dst = check_output(dst)
+    except ExportError as e:
+        raise TrtBuildError(str(e)) from None
+    with staging(dst) as tmp:
+        copy_file(source.folder / source.data["tokenizer"]["file"], tmp / source.data["tokenizer"]["file"])
         info = _build_info(timing_cache, tf32)
         entries = {}
         for name, spec in source.graphs.items():
@@ -146,10 +145,7 @@ def build_engines(bundle_dir: Path, dst: Path, limits: Limits, timing_cache: Pat
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        replace_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        install(tmp, dst)
     return manifest
 
 

@@ -1,4 +1,4 @@
-"""fp16, int8 (Q/DQ) and int8-cpu bundles converted from tiny fp32 bundles: they load in BlipRuntime
+"""fp16, int8-qdq (Q/DQ) and int8-cpu bundles converted from tiny fp32 bundles: they load in BlipRuntime
 and run every task on ONNX Runtime CPU; their graphs stay within measured error bounds of fp32, have
 a type for every tensor, and (int8) carry symmetric int8 Q/DQ with per-channel weight scales.
 
@@ -29,7 +29,7 @@ from oracle import make_full_checkpoint
 
 MODELS = {"caption": ("BlipForConditionalGeneration", 1), "vqa": ("BlipForQuestionAnswering", 2),
           "itr": ("BlipForImageTextRetrieval", 3)}
-CASES = [(m, p) for m in MODELS for p in ("fp16", "int8")] + [("caption", "int8-cpu")]
+CASES = [(m, p) for m in MODELS for p in ("fp16", "int8-qdq")] + [("caption", "int8-cpu")]
 TEXTS = ["a red circle on the left", "what color is the shape?", "two blue squares", "is there a triangle",
          "a", "a picture of a green square on the top right", "what", "the small dog"]
 
@@ -38,7 +38,7 @@ TEXTS = ["a red circle on the left", "what color is the shape?", "two blue squar
 # tiny models: fp16 3e-4..7e-4, so 5e-3 keeps ~7x margin (fp16 has a 5e-4 relative step; errors
 # in the 1e-2 range would mean an fp32 island is missing). int8 1e-2..4e-2 on the held-out feeds the
 # search bounds at INT8_BOUND = 0.05; fresh feeds may land a little higher, so twice the bound.
-GRAPH_BOUND = {"fp16": 5e-3, "int8": 2 * INT8_BOUND, "int8-cpu": 2 * INT8_BOUND}
+GRAPH_BOUND = {"fp16": 5e-3, "int8-qdq": 2 * INT8_BOUND, "int8-cpu": 2 * INT8_BOUND}
 
 
 def images(n, seed, size=40):
@@ -118,7 +118,7 @@ def test_graph_errors_against_fp32(bundles, model, precision):
               f"(held-out: max abs {held['max_abs']:.3e}, relative {held['rel']:.3e})")
         assert np.isfinite(err["max_abs"]), f"{name}: non-finite outputs"
         assert err["rel"] < GRAPH_BOUND[precision], f"{name}: relative error {err['rel']:.3e} (max abs {err['max_abs']:.3e})"
-        if precision == "int8":
+        if precision == "int8-qdq":
             # The exclusion search guarantees its bounds on the held-out feeds it measured.
             assert held["rel"] <= INT8_BOUND and held.get("top1", 1.0) >= INT8_MIN_TOP1, held
 
@@ -153,7 +153,7 @@ def test_every_tensor_typed_and_io_unchanged(bundles, model, precision):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_int8_graphs_carry_symmetric_per_channel_qdq(bundles, model):
-    manifest = load_manifest(bundles(model, "int8"))
+    manifest = load_manifest(bundles(model, "int8-qdq"))
     for name in manifest.graphs:
         graph = onnx.load(str(manifest.graph_path(name))).graph
         inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
@@ -235,7 +235,7 @@ def test_ort_attention_export(bundles, model):
         assert err["rel"] < 1e-5, (name, err)
 
 
-@pytest.mark.parametrize("precision", ["fp16", "int8"])
+@pytest.mark.parametrize("precision", ["fp16", "int8-qdq"])
 def test_manifest_describes_the_conversion(bundles, precision):
     folder = bundles("caption", precision)
     data = json.loads((folder / "manifest.json").read_text())
@@ -283,7 +283,7 @@ def test_calibration_feeds_cover_the_decoding_loop(bundles):
 
 def test_int8_needs_calibration_images(bundles, tmp_path):
     with pytest.raises(ExportError, match="calibration images"):
-        convert_bundle(bundles("caption"), tmp_path / "x", "int8")
+        convert_bundle(bundles("caption"), tmp_path / "x", "int8-qdq")
     with pytest.raises(ExportError, match="expected one of"):
         convert_bundle(bundles("caption"), tmp_path / "x", "int4")
     assert not (tmp_path / "x").exists()
@@ -331,7 +331,7 @@ def test_cli_quantize_all_needs_an_int8_precision(capsys, tmp_path):
     from blip_export.cli import main
 
     assert main(["caption", "--precision", "fp16", "--quantize-all", "-o", str(tmp_path / "b")]) == 2
-    assert "--quantize-all applies to --precision int8 or int8-cpu" in capsys.readouterr().err
+    assert "--quantize-all applies to --precision int8, int8-cpu or int8-qdq" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
 
 
