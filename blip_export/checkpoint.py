@@ -3,8 +3,10 @@
 The folder is what transformers' `save_pretrained` plus `BlipProcessor.save_pretrained` would
 write, so `BlipFor*.from_pretrained(folder)`, `BlipProcessor.from_pretrained(folder)` and our own
 `load_model(folder)` all read it: `config.json`, `model.safetensors` (transformers' key names),
-`generation_config.json` (generative models), `preprocessor_config.json` and, given a tokenizer,
-`tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json` and `vocab.txt`.
+`generation_config.json` (generative models), `processor_config.json` (the image processor nested
+under "image_processor", as transformers 5's `BlipProcessor.save_pretrained` writes it, with no
+`preprocessor_config.json`) and, given a tokenizer, `tokenizer.json`, `tokenizer_config.json`,
+`special_tokens_map.json` and `vocab.txt`.
 Nothing here imports transformers. The folder is written under a temporary name and renamed into
 place, so a crash never leaves a half-written checkpoint.
 """
@@ -120,8 +122,9 @@ def checkpoint_state(model: nn.Module, tie_word_embeddings: bool) -> dict[str, t
     return out
 
 
-def preprocessor_dict(image_size: int, mean, std) -> dict:
-    """preprocessor_config.json of BlipImageProcessor: bicubic resize to a square, 1/255, normalize."""
+def image_processor_dict(image_size: int, mean, std) -> dict:
+    """BlipImageProcessor's settings as transformers 5 saves them: bicubic resize to a square, 1/255,
+    normalize (tests/export/test_checkpoint.py compares them with BlipProcessor.save_pretrained's)."""
     return {
         "do_convert_rgb": True,
         "do_normalize": True,
@@ -130,11 +133,15 @@ def preprocessor_dict(image_size: int, mean, std) -> dict:
         "image_mean": [float(x) for x in mean],
         "image_processor_type": "BlipImageProcessor",
         "image_std": [float(x) for x in std],
-        "processor_class": "BlipProcessor",
         "resample": 3,  # PIL.Image.BICUBIC
         "rescale_factor": 1 / 255,
         "size": {"height": image_size, "width": image_size},
     }
+
+
+def processor_dict(image_size: int, mean, std) -> dict:
+    """processor_config.json of BlipProcessor (transformers 5): the image processor nested."""
+    return {"image_processor": image_processor_dict(image_size, mean, std), "processor_class": "BlipProcessor"}
 
 
 def _tokenizer_files(tokenizer_dir: Path, config: BlipConfig, out: Path) -> None:
@@ -233,8 +240,7 @@ def save_checkpoint(
                 "bos_token_id": t.bos_token_id, "eos_token_id": t.sep_token_id, "pad_token_id": t.pad_token_id,
                 "use_cache": True,
             })
-        _write_json(tmp / "preprocessor_config.json",
-                    preprocessor_dict(image_size or config.vision.image_size, mean, std))
+        _write_json(tmp / "processor_config.json", processor_dict(image_size or config.vision.image_size, mean, std))
         if tokenizer_dir is not None:
             _tokenizer_files(Path(tokenizer_dir), config, tmp)
         # mkdtemp makes the folder private and safetensors its file: a checkpoint is ordinary data.

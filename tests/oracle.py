@@ -95,19 +95,29 @@ def blip_vocab(size: int) -> dict[str, int]:
     return {t: i for i, t in enumerate(tokens + ["[DEC]", "[ENC]"])}
 
 
-def save_processor(folder, vocab_size: int, image_size: int) -> None:
-    """BlipProcessor (BERT tokenizer + BLIP image processor) saved as a checkpoint carries it."""
+def save_processor(folder, vocab_size: int, image_size: int, mean=None, std=None):
+    """BlipProcessor (BERT tokenizer + BLIP image processor) saved by transformers' save_pretrained,
+    as a checkpoint carries it (transformers 5: processor_config.json with the image processor
+    nested, no preprocessor_config.json). mean, std: None keeps BlipImageProcessor's (CLIP's).
+    Returns the processor."""
     import transformers
 
     tok = transformers.BertTokenizerFast(vocab=blip_vocab(vocab_size), bos_token="[DEC]",
                                          additional_special_tokens=["[ENC]"])
-    image = transformers.BlipImageProcessorPil(size={"height": image_size, "width": image_size})
-    transformers.BlipProcessor(image, tok).save_pretrained(folder)
+    extra = {k: list(v) for k, v in (("image_mean", mean), ("image_std", std)) if v is not None}
+    image = transformers.BlipImageProcessorPil(size={"height": image_size, "width": image_size}, **extra)
+    processor = transformers.BlipProcessor(image, tok)
+    processor.save_pretrained(folder)
+    return processor
 
 
-def make_full_checkpoint(arch: str, folder, config=None, seed: int = 0, std: float = 0.02):
-    """make_checkpoint plus the processor files, as a public checkpoint folder has them."""
+def make_full_checkpoint(arch: str, folder, config=None, seed: int = 0, std: float = 0.02, image_mean=None,
+                         image_std=None, image_size: int | None = None):
+    """make_checkpoint plus the processor files, as a public checkpoint folder has them.
+    image_mean, image_std, image_size: the processor's (default: BLIP's CLIP mean/std at the vision
+    config's image size). image_size must match the vision config's for an export to accept it."""
     config = config or hf_config()
     model = make_checkpoint(arch, folder, config, seed=seed, std=std)
-    save_processor(folder, config.text_config.vocab_size, config.vision_config.image_size)
+    save_processor(folder, config.text_config.vocab_size, image_size or config.vision_config.image_size,
+                   mean=image_mean, std=image_std)
     return model

@@ -141,10 +141,13 @@ def test_processor_loads_with_our_tokenizer_and_image_settings(tmp_path, tokeniz
     from tokenizers import Tokenizer
 
     ours, cfg = build("BlipForQuestionAnswering", seed=4)
-    folder = save_checkpoint(ours, cfg, tmp_path / "ckpt", tokenizer_dir=tokenizer_dir, image_size=32)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)  # not CLIP's: the processor must read ours
+    folder = save_checkpoint(ours, cfg, tmp_path / "ckpt", tokenizer_dir=tokenizer_dir, image_size=32,
+                             mean=mean, std=std)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                 "preprocessor_config.json"):
+                 "processor_config.json"):
         assert (folder / name).is_file(), name
+    assert not (folder / "preprocessor_config.json").exists(), "transformers 5 writes only processor_config.json"
     proc = transformers.BlipProcessor.from_pretrained(folder)
     raw = Tokenizer.from_file(str(folder / "tokenizer.json"))
     texts = ["What color is the circle?", "a red square.", "zebra", "a [DEC] b"]
@@ -159,8 +162,26 @@ def test_processor_loads_with_our_tokenizer_and_image_settings(tmp_path, tokeniz
     image = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
     pixels = proc(images=Image.fromarray(image), return_tensors="pt").pixel_values
     resized = np.asarray(Image.fromarray(image).resize((32, 32), Image.BICUBIC)).astype(np.float64) / 255
-    expected = (resized.astype(np.float32) - np.float32(CLIP_MEAN)) / np.float32(CLIP_STD)
+    expected = (resized.astype(np.float32) - np.float32(mean)) / np.float32(std)
     assert_close(pixels[0], torch.from_numpy(expected).permute(2, 0, 1), 1e-6, "BlipProcessor pixel values")
+
+
+@pytest.mark.parametrize("size,mean,std", [(32, CLIP_MEAN, CLIP_STD), (48, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))])
+def test_processor_config_is_what_transformers_writes(tmp_path, size, mean, std):
+    """save_checkpoint's processor_config.json holds what BlipProcessor.save_pretrained writes for the
+    same image processor (the tokenizer's part of the processor is compared by the test above)."""
+    import transformers
+
+    from oracle import save_processor
+
+    ours, cfg = build("BlipForConditionalGeneration", seed=8)
+    folder = save_checkpoint(ours, cfg, tmp_path / "ours", image_size=size, mean=mean, std=std)
+    save_processor(tmp_path / "theirs", TINY_TEXT["vocab_size"], size, mean=mean, std=std)
+    theirs = json.loads((tmp_path / "theirs" / "processor_config.json").read_text())
+    written = json.loads((folder / "processor_config.json").read_text())
+    assert written == theirs, f"ours {written} != transformers {theirs}"
+    image = transformers.BlipImageProcessor.from_pretrained(folder)
+    assert image.size == {"height": size, "width": size} and list(image.image_mean) == list(mean)
 
 
 def test_tokenizer_ids_must_match_the_config(tmp_path, tokenizer_dir):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from blip_export import load_model
+from blip_runtime.processor_config import image_processor_config
 from oracle import assert_close
 
 MODELS = Path(__file__).resolve().parents[2] / "blip_export" / "models"
@@ -51,9 +52,12 @@ def test_sizes_and_files():
     total = 0
     for name in NAMES:
         folder = MODELS / name
-        for f in ("config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json",
+        for f in ("config.json", "model.safetensors", "tokenizer.json",
                   "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
             assert (folder / f).is_file(), f"{folder / f} missing"
+        # preprocessor_config.json (older saves) or processor_config.json (save_checkpoint today)
+        image, source = image_processor_config(folder)
+        assert image is not None and image["size"] == {"height": 64, "width": 64}, (folder, source)
         total += sum(p.stat().st_size for p in folder.iterdir())
         assert (folder / "tokenizer.json").read_bytes() == (MODELS / "easyvqa-caption" / "tokenizer.json").read_bytes()
     print(f"shipped checkpoints: {total / 1e6:.1f} MB")
