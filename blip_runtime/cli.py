@@ -7,13 +7,16 @@ from an engine bundle written by `blip-export`.
     blip-run BUNDLE embed [--image IMAGE]... [--text T]...
 
 Global flags (before or after the task): --json, --threads N, --providers cpu|cuda|trt,
---batch-size N. Human output is one `path: result` line per image, then the time taken; --json
-prints one object: the bundle, task, generation options given, `results` (a list of objects with
-the inputs and the results), `seconds` (inference) and `load_seconds`.
+--batch-size N; and --version. Human output is one `path: result` line per image (per sequence
+with --num-return-sequences), then the time taken; --json prints one object: the bundle, task,
+generation options given, `results` (a list of objects with the inputs and the results: "caption"
+or "answer", or with --num-return-sequences N > 1 "captions" / "answers", a list of N, best
+first), `seconds` (inference) and `load_seconds`.
 
 Exit codes: 0 done; 1 a bad bundle, image or input (one line `blip-run: <reason>` on stderr);
-2 bad command line. Only numpy, pillow, tokenizers and onnxruntime are used, imported after the
-command line is parsed so that `--help` answers at once.
+2 bad command line. With --json a failure also prints one object on stdout:
+{"error": "<reason>", "exit_code": 1 or 2}. Only numpy, pillow, tokenizers and onnxruntime are
+used, imported after the command line is parsed so that `--help` answers at once.
 """
 
 from __future__ import annotations
@@ -38,6 +41,27 @@ SAMPLING = ("temperature", "top_k", "top_p", "seed")  # only mean something with
 
 class InputError(ValueError):
     """A bad bundle, image or input: reported as one line, exit code 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, plus the JSON error object on stdout when --json is on the command line (the
+    subcommand parsers are of this class too: add_subparsers makes them of the parent's type)."""
+
+    json_errors = False  # set by main for the run
+
+    def error(self, message: str):
+        if _Parser.json_errors:
+            print(json.dumps({"error": f"{self.prog}: {message}", "exit_code": 2}, ensure_ascii=False))
+        super().error(message)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("blip-trt")
+    except Exception:  # running from a source tree that was never installed
+        return "unknown"
 
 
 def _number(kind, ok, expected: str):
@@ -70,12 +94,12 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--providers", choices=sorted(PROVIDERS), default=d("cpu"),
                        help="execution provider, with CPU fallback (default: cpu)")
         p.add_argument("--batch-size", type=POSITIVE, default=d(None), metavar="N",
-                       help="images per run (default: the bundle's max batch); only --sample results depend on it")
+                       help="images per run (default: the bundle's max batch); results do not depend on it")
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     add_global(common, suppress=True)
 
-    gen = argparse.ArgumentParser(add_help=False)
+    gen = _Parser(add_help=False)
     g = gen.add_argument_group("generation (default: the checkpoint's generation config)")
     g.add_argument("--num-beams", metavar="N", type=POSITIVE, help="beam search with N beams (1: greedy)")
     g.add_argument("--max-new-tokens", metavar="N", type=POSITIVE)
@@ -88,13 +112,16 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", metavar="K", type=COUNT, help="0 disables")
     g.add_argument("--top-p", metavar="P", type=_number(float, lambda v: 0 < v <= 1, "in (0, 1]"))
     g.add_argument("--seed", metavar="S", type=COUNT, help="same seed, same samples")
+    g.add_argument("--num-return-sequences", metavar="N", type=POSITIVE,
+                   help="N results per image, best first (at most --num-beams; any N with --sample)")
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="blip-run",
         description="Run a BLIP engine bundle (written by blip-export) on images and texts.",
         epilog="exit codes: 0 done, 1 bad bundle/image/input, 2 bad command line",
     )
     add_global(p, suppress=False)
+    p.add_argument("--version", action="version", version=f"blip-run {_version()}")
     p.add_argument("bundle", metavar="BUNDLE", help="bundle folder (manifest.json, *.onnx, tokenizer.json)")
     sub = p.add_subparsers(dest="command", required=True, metavar="TASK")
 
@@ -137,8 +164,19 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 def _generation(args: argparse.Namespace) -> dict:
     """The generation options given on the command line; the bundle's defaults fill the rest."""
     names = ("num_beams", "max_new_tokens", "min_new_tokens", "repetition_penalty", "length_penalty",
-             "do_sample", *SAMPLING)
+             "do_sample", *SAMPLING, "num_return_sequences")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def _check_texts(args: argparse.Namespace) -> None:
+    """Texts from argv that were not valid UTF-8 reach Python as lone surrogates (byte 0xff becomes
+    U+DCFF): name the flag instead of failing in the tokenizer."""
+    from .text import check_text
+
+    for flag, values in (("--prompt", getattr(args, "prompt", None)), ("--question", getattr(args, "question", None)),
+                         ("--text", getattr(args, "text", None) or getattr(args, "texts", None))):
+        for i, value in enumerate(values or []):
+            check_text(value, flag if len(values) == 1 else f"{flag} #{i + 1}")
 
 
 def _check_images(paths: list[str]) -> None:
@@ -168,21 +206,24 @@ def _batches(n: int, size: int):
 def _run(rt, args, size: int) -> dict:
     """Run the task; returns {"results": [...], and "similarity" for embed}."""
     images = args.images
+    if args.command in ("caption", "vqa"):
+        opts = _generation(args)
+        # one string per image, or with several sequences a list per image: plural key
+        key = {"caption": "caption", "vqa": "answer"}[args.command]
+        key += "s" if (args.num_return_sequences or 1) > 1 else ""
     if args.command == "caption":
         prompts = _spread(args.prompt, len(images))
-        opts = _generation(args)
         out = []
         for s in _batches(len(images), size):
             out += rt.caption(images[s], prompt=prompts[s] if prompts else None, **opts)
-        return {"results": [{"image": im, **({"prompt": prompts[i]} if prompts else {}), "caption": c}
+        return {"results": [{"image": im, **({"prompt": prompts[i]} if prompts else {}), key: c}
                             for i, (im, c) in enumerate(zip(images, out))]}
     if args.command == "vqa":
         questions = _spread(args.question, len(images))
-        opts = _generation(args)
         out = []
         for s in _batches(len(images), size):
             out += rt.answer(images[s], questions[s], **opts)
-        return {"results": [{"image": im, "question": q, "answer": a} for im, q, a in zip(images, questions, out)]}
+        return {"results": [{"image": im, "question": q, key: a} for im, q, a in zip(images, questions, out)]}
     if args.command == "itm":
         texts = _spread(args.text, len(images))
         probs = []
@@ -208,10 +249,12 @@ def _print_human(args, out: dict, seconds: float, load_seconds: float) -> None:
     results = out["results"]
     if args.command == "caption":
         for r in results:
-            print(f"{r['image']}: {r['caption']}")
+            for tag, c in _numbered(r, "caption"):
+                print(f"{r['image']}{tag}: {c}")
     elif args.command == "vqa":
         for r in results:
-            print(f"{r['image']}: {r['question']} -> {r['answer']}")
+            for tag, a in _numbered(r, "answer"):
+                print(f"{r['image']}{tag}: {r['question']} -> {a}")
     elif args.command == "itm":
         for r in results:
             print(f"{r['image']}: {r['probability']:.4f}  {json.dumps(r['text'], ensure_ascii=False)}")
@@ -236,6 +279,13 @@ def _print_human(args, out: dict, seconds: float, load_seconds: float) -> None:
     print(f"({args.command}, {n} input(s): {seconds:.2f} s; bundle loaded in {load_seconds:.2f} s)")
 
 
+def _numbered(result: dict, key: str):
+    """(tag, text) per sequence: ("", text) for one, (" [1]", best), (" [2]", ...) for several."""
+    if key in result:
+        return [("", result[key])]
+    return [(f" [{i + 1}]", t) for i, t in enumerate(result[key + "s"])]
+
+
 def _jsonable(x):
     import numpy as np
 
@@ -249,10 +299,16 @@ def _jsonable(x):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser()
-    args = p.parse_args(argv)
-    _check_args(p, args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _Parser.json_errors = "--json" in argv
     try:
+        p = parser()
+        args = p.parse_args(argv)
+        _check_args(p, args)
+    finally:
+        _Parser.json_errors = False
+    try:
+        _check_texts(args)
         _check_images(args.images)
         bundle = Path(args.bundle)
         if not bundle.is_dir():
@@ -282,11 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         out = _run(rt, args, size)
         seconds = time.perf_counter() - start
     except ValueError as e:  # InputError, BundleError and the runtime's input checks
-        print(f"blip-run: {' '.join(str(e).split())}", file=sys.stderr)  # one line, always
-        return 1
+        return _fail(args, " ".join(str(e).split()))  # one line, always
     except KeyboardInterrupt:
-        print("blip-run: interrupted", file=sys.stderr)
-        return 1
+        return _fail(args, "interrupted")
     if args.json:
         doc = {"bundle": str(bundle), "task": args.command}
         if args.command in ("caption", "vqa"):
@@ -298,6 +352,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         _print_human(args, out, seconds, load_seconds)
     return 0
+
+
+def _fail(args: argparse.Namespace, reason: str) -> int:
+    """One line on stderr; with --json also one object on stdout. Exit code 1."""
+    print(f"blip-run: {reason}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"bundle": args.bundle, "task": args.command, "error": f"blip-run: {reason}",
+                          "exit_code": 1}, ensure_ascii=False))
+    return 1
 
 
 if __name__ == "__main__":

@@ -116,7 +116,10 @@ class BlipRuntime:
         self.manifest = manifest
         self.session = session
         data = manifest.data
-        self.image_settings = ImageSettings.from_preprocessor_config(data["image"])
+        try:
+            self.image_settings = ImageSettings.from_preprocessor_config(data["image"])
+        except ValueError as e:
+            raise BundleError(f"{manifest.folder / 'manifest.json'}: 'image': {e}") from None
         tok = data["tokenizer"]
         self.tokenizer = TextTokenizer.from_file(
             manifest.folder / tok["file"],
