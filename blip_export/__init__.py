@@ -8,7 +8,7 @@ from an existing ONNX bundle (blip_export.trt_build) on a device without torch.
 from .config import BlipConfig, TextConfig, VisionConfig, read_config
 from .errors import CheckpointError
 
-__all__ = ["BlipConfig", "CheckpointError", "TextConfig", "VisionConfig", "load_model", "read_config"]
+__all__ = ["Blip2Config", "BlipConfig", "CheckpointError", "TextConfig", "VisionConfig", "load_model", "read_config"]
 
 
 def __getattr__(name):
@@ -16,4 +16,8 @@ def __getattr__(name):
         from .loading import load_model
 
         return load_model
+    if name == "Blip2Config":
+        from .families.blip2.config import Blip2Config
+
+        return Blip2Config
     raise AttributeError(f"module 'blip_export' has no attribute {name!r}")

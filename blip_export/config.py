@@ -130,7 +130,8 @@ def config_from_dict(data: dict, source: str = "config.json") -> BlipConfig:
         raise CheckpointError(
             source,
             f"model_type={model_type!r} (architectures {archs}): not a BLIP checkpoint; "
-            f"expected model_type 'blip' with one of {', '.join(BLIP_ARCHITECTURES)}",
+            f"expected model_type 'blip' with one of {', '.join(BLIP_ARCHITECTURES)} "
+            f"(or 'blip-2' for BLIP-2, which read_config routes)",
         )
     known = [a for a in archs if a in BLIP_ARCHITECTURES]
     if not known:
@@ -153,8 +154,9 @@ def config_from_dict(data: dict, source: str = "config.json") -> BlipConfig:
     return BlipConfig(architecture=known[0], vision=vision, text=text, raw=data, **top)
 
 
-def read_config(folder: str | Path) -> BlipConfig:
-    """Read and parse `folder/config.json`."""
+def read_config(folder: str | Path):
+    """Read and parse `folder/config.json`: a BlipConfig, or for model_type "blip-2" a Blip2Config
+    (blip_export.families.blip2.config)."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(path, "missing: a Hugging Face checkpoint folder needs a config.json")
@@ -164,4 +166,8 @@ def read_config(folder: str | Path) -> BlipConfig:
         raise CheckpointError(path, f"not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise CheckpointError(path, "expected a JSON object at the top level")
+    if data.get("model_type") == "blip-2":
+        from .families.blip2.config import config_from_dict as blip2_config_from_dict
+
+        return blip2_config_from_dict(data, str(path))
     return config_from_dict(data, str(path))
