@@ -57,7 +57,7 @@ class StageClock:
 
 class BundleContender:
     """BlipRuntime over one cached bundle kind: ONNX Runtime on the CPU with THREADS threads (fp32,
-    int8, int8-cpu, fp16), or TensorRT engines (trt-fp16, trt-int8). TensorRT runs asynchronously,
+    int8 (the Q/DQ form, models.FORM), int8-cpu, fp16), or TensorRT engines (trt-fp16, trt-int8). TensorRT runs asynchronously,
     so its stage times are launch times; its end-to-end times are exact (logits come to the host
     every step)."""
 
@@ -139,7 +139,7 @@ class TransformersContender:
 CONTENDERS = {
     "transformers": TransformersContender,
     "ort-fp32": lambda: BundleContender("fp32"),
-    "ort-int8": lambda: BundleContender("int8"),
+    "ort-int8": lambda: BundleContender("int8"),  # Q/DQ (blip-export --precision int8-qdq)
     "ort-int8-cpu": lambda: BundleContender("int8-cpu"),
     "ort-fp16": lambda: BundleContender("fp16"),
     "trt-fp16": lambda: BundleContender("trt-fp16"),

@@ -24,13 +24,17 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m blip_export.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--precision", nargs="+", default=["fp32", "int8"], choices=PRECISIONS,
                    help="bundles to build and run (int8: ONNX Runtime's CPU form, int8-cpu)")
     p.add_argument("--output", type=Path, default=Path("engines"),
                    help="parent folder of the bundles (default: ./engines)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
 
     from blip_runtime import BlipRuntime
 

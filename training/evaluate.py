@@ -6,7 +6,7 @@ caption correctness (the caption names the image's colour and shape and no other
 retrieval R@1 image->text over the split's distinct captions and text->image over its images
 (counted right when the retrieved caption names the query's colour and shape).
 
-    python training/evaluate.py [--precisions fp32 int8 fp16 int8-cpu] [--limit N] [--out table.md]
+    python training/evaluate.py [--precisions fp32 int8-qdq fp16 int8-cpu] [--limit N] [--out table.md]
 
 Bundles are exported (or converted) into --engines first when missing.
 """
@@ -33,11 +33,11 @@ MODELS = ("easyvqa-caption", "easyvqa-vqa", "easyvqa-itm")
 def ensure_bundles(engines: Path, precision: str) -> dict[str, Path]:
     """name -> bundle folder of `precision`, exporting whatever is missing."""
     from blip_export.defaults import default_models
-    from blip_export.pipeline import export
+    from blip_export.pipeline import export, resolve_precision
 
     out = {}
     for name, folder in default_models().items():
-        dest = engines / f"{name}-{precision}"
+        dest = engines / f"{name}-{resolve_precision(precision)}"  # "int8" is int8-cpu's folder
         if not (dest / "manifest.json").is_file():
             print(f"exporting {name} {precision}", flush=True)
             export(folder, dest, precision=precision)
@@ -107,7 +107,8 @@ def table(rows: dict[str, dict], split, limit) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "int8", "fp16", "int8-cpu"])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "int8-qdq", "fp16", "int8-cpu"],
+                    help="blip-export precisions (int8 means int8-cpu on ONNX Runtime; int8-qdq the Q/DQ form)")
     ap.add_argument("--engines", type=Path, default=ROOT / "engines")
     ap.add_argument("--split", default="test")
     ap.add_argument("--limit", type=int, help="only the first N images (and their questions)")
