@@ -71,7 +71,9 @@ class Blip2TextProcessor:
         self._tok.no_truncation()
         model = type(self._tok.model).__name__
         if model not in KINDS:
-            raise ValueError(f"tokenizer model {model} is not a BLIP-2 LM tokenizer; expected BPE (OPT) or Unigram (Flan-T5)")
+            raise ValueError(
+                f"tokenizer model {model} is not a BLIP-2 LM tokenizer; expected BPE (OPT) or Unigram (Flan-T5)"
+            )
         self.kind = KINDS[model]
         s = settings
         if s.add_bos_token is not None or s.add_eos_token is not None or self._tok.post_processor is None:
@@ -257,7 +259,9 @@ class Blip2Processor:
         folder = Path(folder)
         config, path = image_processor_config(folder)
         if config is None:
-            raise ValueError(f"{folder}: no processor_config.json with an image_processor, nor preprocessor_config.json")
+            raise ValueError(
+                f"{folder}: no processor_config.json with an image_processor, nor preprocessor_config.json"
+            )
         try:
             image = ImageSettings.from_preprocessor_config(config)
         except ValueError as e:

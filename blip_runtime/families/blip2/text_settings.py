@@ -51,7 +51,9 @@ class Blip2TextSettings:
 
     num_query_tokens: int | None  # the model config's; the number of `<image>` tokens prepended
     image_token_index: int | None  # the model config's id of `<image>`; None = legacy convention
-    image_token: str = "<image>"  # Blip2Processor adds it to the tokenizer (special, not normalized)
+    # Blip2Processor adds it to the tokenizer (special, not normalized). It would take a tokenizer's
+    # own `image_token` attribute instead, but transformers 5.24 then fails (it expects an AddedToken).
+    image_token: str = "<image>"
     bos_token: str | None = None
     eos_token: str | None = None
     pad_token: str | None = None
@@ -110,27 +112,21 @@ class Blip2TextSettings:
                     named[k], where[k] = v, f"{specials_path.name} {k}"
         tokens = {k: _token_content(v, where[k]) for k, v in named.items()}
 
-        image_token = "<image>"
-        extra = config.get("extra_special_tokens")
-        if isinstance(extra, dict) and "image_token" in extra:
-            # A tokenizer with an `image_token` attribute: Blip2Processor uses it instead of "<image>".
-            image_token = _token_content(extra["image_token"], f"{path.name} extra_special_tokens.image_token")
-
         def flag(key):
             v = config.get(key)
             if v is not None and not isinstance(v, bool):
                 raise ValueError(f"{path.name} {key} must be true or false, got {v!r}")
             return v
 
+        # transformers rebuilds the post-processor when either key is present, even as false.
+        rebuild = "add_bos_token" in config or "add_eos_token" in config
         settings = cls(
             num_query_tokens=num_query_tokens,
             image_token_index=image_token_index,
-            image_token=image_token,
             padding_side=config.get("padding_side", "right"),
             truncation_side=config.get("truncation_side", "right"),
-            # transformers only rebuilds the post-processor when a key is present, even as false.
-            add_bos_token=bool(flag("add_bos_token")) if "add_bos_token" in config or "add_eos_token" in config else None,
-            add_eos_token=bool(flag("add_eos_token")) if "add_bos_token" in config or "add_eos_token" in config else None,
+            add_bos_token=bool(flag("add_bos_token")) if rebuild else None,
+            add_eos_token=bool(flag("add_eos_token")) if rebuild else None,
             clean_up_tokenization_spaces=bool(flag("clean_up_tokenization_spaces")),
             clean_up_bpe=bool(flag("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")),
             **tokens,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blip_runtime.families.blip2.processor import Blip2Processor, Blip2TextProcessor
+from blip_runtime.families.blip2.processor import Blip2Processor, Blip2TextProcessor, Blip2TextSettings
 from tiny_lm_tokenizers import opt_tokenizer, t5_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -75,7 +75,8 @@ def _images(n):
 def _check(ours, ref, what):
     for name, a, b in zip(("input_ids", "attention_mask"), ours, ref):
         b = np.asarray(b)
-        assert a.dtype == np.int64 and a.shape == b.shape, f"{what} {name}: {a.dtype} {a.shape} vs {b.shape}\nours {a.tolist()}\nref  {b.tolist()}"
+        assert a.dtype == np.int64 and a.shape == b.shape, (
+            f"{what} {name}: {a.dtype} {a.shape} vs {b.shape}\nours {a.tolist()}\nref  {b.tolist()}")
         err = int(np.abs(a - b).max()) if a.size else 0
         assert err == 0, f"{what} {name}: max abs err {err}\nours {a.tolist()}\nref  {b.tolist()}"
 
@@ -183,6 +184,19 @@ def test_add_bos_token_flag_rebuilds_post_processor(folders, tmp_path):
                    f"add_bos_token={bos} add_eos_token={eos} max_length={max_length}")
 
 
+@pytest.mark.parametrize("name", ["opt_left", "t5"])
+def test_settings_travel_as_json(folders, name):
+    # A bundle carries tokenizer.json plus the settings as JSON: the same processor comes back.
+    hf, ours = _pair(folders, name)
+    settings = Blip2TextSettings.from_dict(json.loads(json.dumps(ours.text.settings.to_dict())))
+    assert settings == ours.text.settings
+    again = Blip2TextProcessor.from_file(folders[name] / "tokenizer.json", settings)
+    for max_length in MAX_LENGTHS:
+        _check(again.encode(TEXTS, max_length=max_length), _ref(hf, TEXTS, max_length, None), f"{name} {max_length}")
+    cases = _decode_cases(ours)
+    assert again.batch_decode(cases) == hf.batch_decode(cases, skip_special_tokens=True)
+
+
 def _decode_cases(ours, seed=0):
     t = ours.text
     rng = np.random.default_rng(seed)
@@ -219,7 +233,8 @@ def test_clean_up_applies_to_unigram_only(folders):
         assert ours.text.settings.clean_up_tokenization_spaces and ours.text.clean_up == cleaned
         ids = ours.text.encode(["a cat . is it ? yes , it is !"], image_tokens=False)[0][0]
         raw = ours.text._tok.decode(ids.tolist(), skip_special_tokens=True)
-        assert (ours.text.decode(ids) != raw) == cleaned and ours.text.decode(ids) == hf.decode(ids, skip_special_tokens=True)
+        assert (ours.text.decode(ids) != raw) == cleaned
+        assert ours.text.decode(ids) == hf.decode(ids, skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("name", ["opt", "t5_old"])
@@ -245,7 +260,8 @@ def test_bad_input(folders):
         (lambda: t.encode([]), "texts must be a non-empty list of str"),
         (lambda: t.encode("a cat"), "texts must be a non-empty list of str"),
         (lambda: t.encode(["a", 3]), r"texts\[1\] must be a str, got int"),
-        (lambda: t.encode(["ok", "bad \ud800 text"]), r"texts\[1\]: not valid Unicode text \(lone surrogate U\+D800 at index 4\)"),
+        (lambda: t.encode(["ok", "bad \ud800 text"]),
+         r"texts\[1\]: not valid Unicode text \(lone surrogate U\+D800 at index 4\)"),
         (lambda: t.encode(["a"], max_length=NQ), r"max_length must be >= 5 \(num_query_tokens 4 \+ 1 text token"),
         (lambda: t.encode(["a"], max_length=7.0), "max_length must be an int"),
         (lambda: t.encode(["a"], padding_side="middle"), "padding_side must be"),
@@ -257,7 +273,8 @@ def test_bad_input(folders):
         (lambda: t.batch_decode(np.zeros(3, np.int64)), r"ids must be \[B, S\]"),
         (lambda: ours([_images(1)[0]], ["a", "b"]), "one image per text"),
         (lambda: Blip2Processor.from_folder(folders["opt"], NQ, t.image_token_id + 1), "image_token_index"),
-        (lambda: Blip2Processor.from_folder(folders["opt"], NQ + 1, t.image_token_id), "num_query_tokens 5 .* differs"),
+        (lambda: Blip2Processor.from_folder(folders["opt"], NQ + 1, t.image_token_id),
+         "num_query_tokens 5 .* differs"),
     ]
     for fn, msg in cases:
         with pytest.raises(ValueError, match=msg):

@@ -63,7 +63,8 @@ def t5_tokenizer(vocab_size: int = 300, extra_ids: int = 3, **kwargs):
 
     tok = Tokenizer(models.Unigram())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)]
+        [pre_tokenizers.WhitespaceSplit(),
+         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)]
     )
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     trainer = trainers.UnigramTrainer(
