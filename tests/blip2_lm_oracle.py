@@ -5,6 +5,8 @@ same dict, and the weights copied over by an explicit key check."""
 from __future__ import annotations
 
 import torch
+import transformers
+from transformers.initialization import no_init_weights
 
 from blip_export.families.blip2.lm_config import text_config_from_dict
 from blip_export.families.blip2.modeling.opt import OptForCausalLM
@@ -62,14 +64,14 @@ def _spread(model: torch.nn.Module, seed: int, std: float) -> None:
 def opt_pair(d: dict = TINY_OPT, seed: int = 0, std: float = 0.4, drop_lm_head: bool = False):
     """(transformers OPTForCausalLM, our OptForCausalLM) with the same re-randomized weights.
     drop_lm_head: load ours from a state dict without lm_head.weight (a file that relies on the tie)."""
-    import transformers
-
     hf_cfg = transformers.OPTConfig(**{k: v for k, v in d.items() if k != "model_type"})
-    theirs = transformers.OPTForCausalLM(hf_cfg).eval()
+    with no_init_weights():  # every parameter is overwritten below: skip the init (seconds at real widths)
+        theirs = transformers.OPTForCausalLM(hf_cfg).eval()
+        ours = OptForCausalLM(text_config_from_dict(d, "text_config")).eval()
+    theirs.tie_weights()  # post_init ties, but not under no_init_weights
     _spread(theirs, seed, std)
     if hf_cfg.tie_word_embeddings:
         assert theirs.lm_head.weight is theirs.model.decoder.embed_tokens.weight
-    ours = OptForCausalLM(text_config_from_dict(d, "text_config")).eval()
     sd = theirs.state_dict()
     if drop_lm_head:
         sd.pop("lm_head.weight")
@@ -81,15 +83,15 @@ def t5_pair(d: dict = TINY_T5, seed: int = 0, std: float = 0.2):
     """(transformers T5ForConditionalGeneration, our T5ForConditionalGeneration), same weights. With
     tie_word_embeddings false (Flan-T5) the transformers head is untied and given its own weights, as
     a Flan-T5 file does; with true it stays shared's (T5 v1.0) and the state dict omits lm_head.weight."""
-    import transformers
-
     hf_cfg = transformers.T5Config(**{k: v for k, v in d.items() if k != "model_type"})
-    theirs = transformers.T5ForConditionalGeneration(hf_cfg).eval()
+    with no_init_weights():
+        theirs = transformers.T5ForConditionalGeneration(hf_cfg).eval()
+        ours = T5ForConditionalGeneration(text_config_from_dict(d, "text_config")).eval()
+    theirs.tie_weights()
     tied = d.get("tie_word_embeddings", True)
     if not tied:  # transformers ties T5's head on construction whatever the config says
         theirs.lm_head.weight = torch.nn.Parameter(theirs.lm_head.weight.detach().clone())
     _spread(theirs, seed, std)
-    ours = T5ForConditionalGeneration(text_config_from_dict(d, "text_config")).eval()
     sd = theirs.state_dict()
     if tied:
         assert theirs.lm_head.weight is theirs.shared.weight
