@@ -7,6 +7,12 @@ transformers' `TokenizersBackend` does, for both LMs BLIP-2 ships with:
   (id 2) and appends nothing;
 - Flan-T5: SentencePiece Unigram (T5Tokenizer); the post-processor appends `</s>` (id 1).
 
+The pipeline runs as tokenizer.json writes it. transformers 5 loads the Salesforce BLIP-2 hub
+checkpoints the same way (they are listed in `MODEL_IDS_TO_TOKENIZERS_BACKEND`, i.e. TokenizersBackend
+over the file); for other folders its GPT2Tokenizer / T5Tokenizer classes rebuild normalizer,
+pre-tokenizer and decoder from their own code, which for files written by transformers 5 gives the
+same pipeline (a test compares them), and for files written by other tools may not.
+
 Blip2Processor adds `<image>` to the tokenizer as a special, non-normalized token. transformers 5's
 `save_pretrained` writes it into tokenizer.json's added tokens; folders written before the processor
 knew image tokens lack it, and transformers then appends it at the next free id on load: so do we,

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from blip_runtime.families.blip2.processor import Blip2Processor, Blip2TextProcessor, Blip2TextSettings
-from tiny_lm_tokenizers import opt_tokenizer, t5_tokenizer
+from tiny_lm_tokenizers import opt_tokenizer, t5_sentencepiece_tokenizer, t5_tokenizer
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -31,6 +31,7 @@ TEXTS = [
     "",
     "   leading and trailing spaces   ",
     "tabs\tand\nnew lines,  double  spaces",
+    "ﬁne ① ＦＵＬＬ width ½ — NFKC at work",  # changed by the SentencePiece normalizer only
     "literal <image> and </s> and <pad> in the text",  # parsed as the added tokens, as transformers does
     "the cat is sitting on the table " * 10,  # long: cut by the max_lengths below
 ]
@@ -49,7 +50,7 @@ def _save(folder, tok, layout: str):
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     # clean_up_tokenization_spaces=True: transformers applies it to T5 and skips it for BPE (OPT).
-    return {
+    out = {
         "opt": _save(tmp_path_factory.mktemp("opt"), opt_tokenizer(clean_up_tokenization_spaces=True), "processor"),
         "t5": _save(tmp_path_factory.mktemp("t5"), t5_tokenizer(clean_up_tokenization_spaces=True), "processor"),
         "opt_old": _save(tmp_path_factory.mktemp("opt_old"), opt_tokenizer(), "separate"),
@@ -58,10 +59,19 @@ def folders(tmp_path_factory):
         "opt_left": _save(tmp_path_factory.mktemp("opt_left"),
                           opt_tokenizer(padding_side="left", truncation_side="left"), "processor"),
     }
+    try:
+        import sentencepiece  # noqa: F401
+    except ImportError:  # not a test dependency of the project: the "t5_spm" cases skip
+        return out
+    spm_dir = tmp_path_factory.mktemp("spm")
+    out["t5_spm"] = _save(tmp_path_factory.mktemp("t5_spm"), t5_sentencepiece_tokenizer(spm_dir), "processor")
+    return out
 
 
 def _pair(folders, name, legacy=False):
     """(transformers processor, ours); legacy: num_query_tokens None / image_token_index None."""
+    if name not in folders:
+        pytest.skip(f"{name}: needs the sentencepiece package")
     hf = HFBlip2Processor.from_pretrained(folders[name], num_query_tokens=None if legacy else NQ)
     image_token_index = None if legacy else hf.tokenizer.convert_tokens_to_ids("<image>")
     return hf, Blip2Processor.from_folder(folders[name], num_query_tokens=NQ, image_token_index=image_token_index)
@@ -89,7 +99,7 @@ def _ref(hf, texts, max_length, side, images=True):
     return enc["input_ids"], enc["attention_mask"]
 
 
-@pytest.mark.parametrize("name", ["opt", "t5", "opt_old", "t5_old", "opt_left"])
+@pytest.mark.parametrize("name", ["opt", "t5", "opt_old", "t5_old", "opt_left", "t5_spm"])
 def test_tokenizer_json_is_what_transformers_runs(folders, name):
     # We run tokenizer.json's pipeline as written; transformers' GPT2Tokenizer / T5Tokenizer rebuild
     # theirs on load: for files transformers wrote, the rebuilt one must be the same.
@@ -100,7 +110,7 @@ def test_tokenizer_json_is_what_transformers_runs(folders, name):
         assert mem[key] == disk[key], f"{name} {key}:\ntransformers {mem[key]}\nours {disk[key]}"
 
 
-@pytest.mark.parametrize("name", ["opt", "t5", "opt_old", "t5_old"])
+@pytest.mark.parametrize("name", ["opt", "t5", "opt_old", "t5_old", "t5_spm"])
 def test_special_ids(folders, name):
     hf, ours = _pair(folders, name)
     t, h = ours.text, hf.tokenizer
@@ -113,7 +123,7 @@ def test_special_ids(folders, name):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("name", ["opt", "t5", "opt_old", "t5_old", "opt_left"])
+@pytest.mark.parametrize("name", ["opt", "t5", "opt_old", "t5_old", "opt_left", "t5_spm"])
 def test_encode_with_image_tokens(folders, name, side):
     hf, ours = _pair(folders, name)
     for max_length in MAX_LENGTHS:
@@ -214,7 +224,7 @@ def _decode_cases(ours, seed=0):
     return cases
 
 
-@pytest.mark.parametrize("name", ["opt", "t5", "opt_old", "t5_old"])
+@pytest.mark.parametrize("name", ["opt", "t5", "opt_old", "t5_old", "t5_spm"])
 def test_decode_matches_processor(folders, name):
     hf, ours = _pair(folders, name)
     cases = _decode_cases(ours)

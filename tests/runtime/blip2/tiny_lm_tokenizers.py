@@ -75,3 +75,18 @@ def t5_tokenizer(vocab_size: int = 300, extra_ids: int = 3, **kwargs):
     return T5TokenizerFast(
         tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=extra_ids, **kwargs
     )
+
+
+def t5_sentencepiece_tokenizer(folder, vocab_size: int = 150, extra_ids: int = 3):
+    """A T5 tokenizer the way Flan-T5's was made: a SentencePiece Unigram model (NFKC rules, so
+    tokenizer.json gets a Precompiled normalizer) converted by transformers from `spiece.model`.
+    Needs the `sentencepiece` package; `folder` receives the model."""
+    import sentencepiece as spm
+    from transformers import T5TokenizerFast
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus()), model_prefix=str(folder / "spiece"), vocab_size=vocab_size,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, normalization_rule_name="nmt_nfkc",
+        character_coverage=1.0, minloglevel=2,
+    )
+    return T5TokenizerFast.from_pretrained(folder, extra_ids=extra_ids)
