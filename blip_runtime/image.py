@@ -52,13 +52,14 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _check_size(size: tuple[int, int], limit: int | None, where: str) -> None:
+def _check_size(size: tuple[int, int], limit: int | None, where: str, what: str = "the image") -> None:
     limit = MAX_IMAGE_PIXELS if limit is None else limit
     w, h = size
     if w * h > limit:
         raise ValueError(
-            f"{where}: {w}x{h} pixels ({w * h / 1e6:.1f} M) is above the limit of {limit / 1e6:.1f} M pixels; "
-            "expected a smaller image (or raise blip_runtime.image.MAX_IMAGE_PIXELS / ImageSettings.max_image_pixels)"
+            f"{where}: {what} has {w}x{h} pixels ({w * h / 1e6:.1f} M), above the limit of {limit / 1e6:g} M "
+            "pixels; expected a smaller image (or raise blip_runtime.image.MAX_IMAGE_PIXELS / "
+            "ImageSettings.max_image_pixels)"
         )
 
 
@@ -71,7 +72,7 @@ def _open(path: str, where: str, need: tuple[int, int], limit: int | None) -> Im
             w, h = im.size
             if w * h > limit and im.format == "JPEG":
                 im.draft(im.mode, (need[0] * DRAFT_MARGIN, need[1] * DRAFT_MARGIN))
-            _check_size(im.size, limit, where)
+            _check_size(im.size, limit, where, f"image file {path!r}")
             im.load()
             im = ImageOps.exif_transpose(im, in_place=False) if im.getexif().get(0x0112, 1) != 1 else im
             if im.mode in HIGH_DEPTH_MODES:

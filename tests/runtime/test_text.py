@@ -157,6 +157,8 @@ def test_bad_inputs(pair, tmp_path):
         tok.encode("a bare string")
     with pytest.raises(ValueError, match=r"texts\[1\].*int"):
         tok.encode(["ok", 3])
+    with pytest.raises(ValueError, match=r"texts\[1\]: not valid Unicode text \(lone surrogate U\+D800 at index 1\)"):
+        tok.encode(["ok", "a\ud800"])  # tokenizers itself raises a bare TypeError
     with pytest.raises(ValueError, match="max_length"):
         tok.encode(["a"], max_length=1)
     with pytest.raises(ValueError, match="padding"):
