@@ -56,6 +56,9 @@ def test_full_forward_from_ids_and_embeds(variant):
     assert logits.dtype == torch.float32 and len(present) == ours.num_layers
     assert present[0][0].shape == (3, 4, 9, 8)
     assert_close(logits, ref, REL, "logits from embed(ids)")
+    hidden, _ = ours.hidden(embeds, mask, positions(mask))
+    assert_close(hidden, theirs.model(input_ids=ids, attention_mask=mask).last_hidden_state, REL,
+                 "last hidden state (before lm_head)")
     # inputs_embeds that are no token's embedding (BLIP-2's projected queries), both sides
     soft = torch.randn(3, 9, embeds.shape[-1], generator=torch.Generator().manual_seed(3))
     assert_close(ours(soft, mask, positions(mask))[0], theirs(inputs_embeds=soft, attention_mask=mask).logits,

@@ -136,6 +136,30 @@ class OptForCausalLM(nn.Module):
         which BLIP-2 concatenates its projected query outputs with the prompt."""
         return self.model.decoder.embed_tokens(input_ids)
 
+    def hidden(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        past: list[KV] | None = None,
+    ) -> tuple[torch.Tensor, list[KV]]:
+        """The decoder's last hidden state (B, S, E) before lm_head (transformers' OPTModel output, what
+        BLIP-2's text features are), and the present K/V. Arguments as `forward`."""
+        dec = self.model.decoder
+        x = dec.project_in(inputs_embeds) if dec.project_in is not None else inputs_embeds  # (B, S, D)
+        x = x + dec.embed_positions(position_ids + POSITION_OFFSET)
+        # query i (position P+i) sees real keys 0..P+i: additive (B, 1, S, P+S)
+        mask = causal_padding_mask(attention_mask, inputs_embeds.shape[1], x.dtype)
+        present = []
+        for i, layer in enumerate(dec.layers):
+            x, kv = layer(x, mask, None if past is None else past[i])
+            present.append(kv)
+        if dec.final_layer_norm is not None:
+            x = dec.final_layer_norm(x)
+        if dec.project_out is not None:
+            x = dec.project_out(x)  # (B, S, E)
+        return x, present
+
     def forward(
         self,
         inputs_embeds: torch.Tensor,
@@ -151,17 +175,5 @@ class OptForCausalLM(nn.Module):
         padding gets any value, it is masked); past: per layer (k, v) float (B, H, P, Dh), or None for P=0.
         -> (logits float32 (B, S, V), present: per layer (k, v) (B, H, P+S, Dh)).
         """
-        dec = self.model.decoder
-        x = dec.project_in(inputs_embeds) if dec.project_in is not None else inputs_embeds  # (B, S, D)
-        x = x + dec.embed_positions(position_ids + POSITION_OFFSET)
-        # query i (position P+i) sees real keys 0..P+i: additive (B, 1, S, P+S)
-        mask = causal_padding_mask(attention_mask, inputs_embeds.shape[1], x.dtype)
-        present = []
-        for i, layer in enumerate(dec.layers):
-            x, kv = layer(x, mask, None if past is None else past[i])
-            present.append(kv)
-        if dec.final_layer_norm is not None:
-            x = dec.final_layer_norm(x)
-        if dec.project_out is not None:
-            x = dec.project_out(x)  # (B, S, E)
+        x, present = self.hidden(inputs_embeds, attention_mask, position_ids, past)
         return self.lm_head(x).float(), present
