@@ -59,12 +59,12 @@ def processor(lm: str, num_query_tokens: int | None, image_size: int = TINY_VISI
 
 
 def hf_config(lm: str = "opt", image_tokens: bool = True, vision=TINY_VISION, qformer=TINY_QFORMER,
-              num_query_tokens: int = NUM_QUERIES, text_input: bool = False, **top):
+              num_query_tokens: int = NUM_QUERIES, text_input: bool = False, text_overrides=None, **top):
     """transformers.Blip2Config. image_tokens: image_token_index = the processor's `<image>` id
     (else None, the legacy convention). text_input: the Q-Former's text feed-forward (retrieval)."""
     import transformers
 
-    text = dict(TINY_OPT if lm == "opt" else TINY_T5)
+    text = {**(TINY_OPT if lm == "opt" else TINY_T5), **(text_overrides or {})}
     image_token_index = None
     if image_tokens:
         proc = processor(lm, num_query_tokens)
