@@ -37,16 +37,28 @@ CONFIG = {
                     "bos_token_id": 2, "eos_token_id": 50118, "pad_token_id": 1, "tie_word_embeddings": True},
 }
 
+# Peak RSS from /proc's VmHWM (this process's own high-water mark; getrusage's ru_maxrss can carry
+# over a parent's peak across exec), getrusage where /proc is absent.
 LOAD = """
 import json, resource, sys, time
 import torch
 import blip_export
 from blip_export.loading import load_model
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+def peak_rss():
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+base = peak_rss()
 t0 = time.perf_counter()
 model, config = load_model(sys.argv[1], dtype=torch.float16)
 seconds = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = peak_rss()
 params = sum(p.numel() * p.element_size() for p in model.parameters())
 dtypes = sorted({str(p.dtype) for n, p in model.named_parameters() if not n.startswith(("qformer", "query_tokens"))})
 qformer = sorted({str(p.dtype) for p in model.qformer.parameters()})
