@@ -304,3 +304,35 @@ def test_module_imports_neither_torch_nor_transformers():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("lm", ["opt", "t5"])
+def test_generated_sequences_of_a_tiny_blip2(tmp_path, lm):
+    # A re-randomized Blip2ForConditionalGeneration saved with its processor (tests/blip2_oracle.py):
+    # our feeds, built from config.json's values as the runtime builds them, drive transformers'
+    # generate; its output (image tokens and pads included for OPT) decodes alike.
+    torch = pytest.importorskip("torch")
+    from blip2_oracle import hf_config, make_checkpoint
+
+    model = make_checkpoint("Blip2ForConditionalGeneration", tmp_path, hf_config(lm, True), seed=3, std=0.1)
+    config = json.loads((tmp_path / "config.json").read_text())
+    ours = Blip2Processor.from_folder(tmp_path, config["num_query_tokens"], config["image_token_index"])
+    hf = HFBlip2Processor.from_pretrained(tmp_path)
+    rng = np.random.default_rng(2)
+    images = [Image.fromarray(rng.integers(0, 256, (30 + 9 * i, 41, 3), dtype=np.uint8)) for i in range(3)]
+    texts = ["a photo of", "", "question: what color is the square? answer:"]
+    side = "left" if lm == "opt" else "right"  # decoder-only generation pads on the left
+    feeds = ours(images, texts, padding_side=side)
+    ref = hf(images=images, text=texts, padding="longest", padding_side=side, return_tensors="np")
+    _check((feeds["input_ids"], feeds["attention_mask"]), (ref["input_ids"], ref["attention_mask"]), lm)
+    assert np.array_equal(feeds["pixel_values"], ref["pixel_values"])
+    torch.manual_seed(0)  # sampling at a high temperature: a random model's greedy output repeats one token
+    with torch.no_grad():
+        out = model.generate(**{k: torch.from_numpy(v) for k, v in feeds.items()}, max_new_tokens=12,
+                             do_sample=True, top_k=0, temperature=3.0).numpy()
+    if lm == "opt":  # decoder-only: the prompt comes back in front of the new tokens
+        assert (out[:, :NQ] == config["image_token_index"]).all()
+    texts_out = ours.text.batch_decode(out)
+    assert len(set(out[:, -12:].ravel().tolist())) > 12, "generation must vary for the comparison to mean anything"
+    assert texts_out == hf.batch_decode(out, skip_special_tokens=True)
+    assert [ours.text.decode(r, False) for r in out] == [hf.decode(r, skip_special_tokens=False) for r in out]
