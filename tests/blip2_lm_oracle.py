@@ -20,7 +20,7 @@ TINY_T5 = dict(model_type="t5", vocab_size=91, d_model=32, d_kv=8, d_ff=40, num_
                num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=12,
                feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
                eos_token_id=1, pad_token_id=0)
-# Real widths, one or two layers: OPT-2.7b and Flan-T5-xl.
+# Real widths, one layer (each stack): OPT-2.7b and Flan-T5-xl.
 OPT_2_7B = dict(model_type="opt", vocab_size=50272, hidden_size=2560, ffn_dim=10240, num_attention_heads=32,
                 max_position_embeddings=2048, num_hidden_layers=1)
 FLAN_T5_XL = dict(model_type="t5", vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_heads=32,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from blip2_lm_oracle import OPT_2_7B, TINY_OPT, distinct_argmax, opt_pair
+from blip2_lm_oracle import OPT_2_7B, TINY_OPT, distinct_argmax, load_reference, opt_pair
 from oracle import assert_close
 
 REL = 1e-5
@@ -121,6 +121,16 @@ def test_tied_head_loads_from_a_file_without_lm_head():
     ids, mask = prompt()
     assert_close(ours(ours.embed(ids), mask, positions(mask))[0], theirs(input_ids=ids, attention_mask=mask).logits,
                  REL, "logits, lm_head from embed_tokens")
+
+
+def test_key_check_names_missing_and_unused_keys():
+    theirs, ours = opt_pair(VARIANTS["no bias, untied head, gelu"])
+    sd = theirs.state_dict()
+    sd.pop("lm_head.weight")  # untied: nothing to fill it from
+    sd["model.decoder.layers.0.self_attn.q_proj.bias"] = torch.zeros(32)  # a bias the config says is absent
+    with pytest.raises(AssertionError, match=r"missing from checkpoint: \['lm_head.weight'\]; checkpoint keys "
+                                             r"unused: \['model.decoder.layers.0.self_attn.q_proj.bias'\]"):
+        load_reference(ours, sd)
 
 
 def greedy(ours, embeds: torch.Tensor, mask: torch.Tensor, max_new: int, eos: int, pad: int) -> torch.Tensor:

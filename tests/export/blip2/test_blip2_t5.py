@@ -276,9 +276,12 @@ def test_published_text_configs(name):
 
     d = PUBLISHED[name]
     cfg = text_config_from_dict(d, f"{name}/config.json: text_config")
-    expected = {"blip2-opt-2.7b": (OptConfig, 2560, 32, 80, 50304, 50118), "blip2-opt-6.7b": (OptConfig, 4096, 32, 128, 50304, 50118),
-                "blip2-flan-t5-xl": (T5Config, 2048, 32, 64, 32128, 1), "blip2-flan-t5-xxl": (T5Config, 4096, 64, 64, 32128, 1)}[name]
-    kind, hidden, heads, head_dim, vocab, eos = expected
+    kind, hidden, heads, head_dim, vocab, eos = {  # as published on each model card
+        "blip2-opt-2.7b": (OptConfig, 2560, 32, 80, 50304, 50118),
+        "blip2-opt-6.7b": (OptConfig, 4096, 32, 128, 50304, 50118),
+        "blip2-flan-t5-xl": (T5Config, 2048, 32, 64, 32128, 1),
+        "blip2-flan-t5-xxl": (T5Config, 4096, 64, 64, 32128, 1),
+    }[name]
     assert isinstance(cfg, kind) and cfg.hidden_size == hidden and cfg.vocab_size == vocab and cfg.eos_token_id == eos
     if kind is OptConfig:
         assert (cfg.num_attention_heads, cfg.head_dim, cfg.is_encoder_decoder) == (heads, head_dim, False)

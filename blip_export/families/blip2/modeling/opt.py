@@ -129,6 +129,7 @@ class OptForCausalLM(nn.Module):
 
     @property
     def num_layers(self) -> int:
+        """Decoder layers: the length of the past / present K/V lists."""
         return self.config.num_hidden_layers
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -206,8 +206,8 @@ class T5Stack(nn.Module):
         self.block = nn.ModuleList(T5Block(cfg, first=i == 0, decoder=decoder) for i in range(num_layers))
         self.final_layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
 
-    def position_bias(self, num_queries, num_keys, past=0) -> torch.Tensor:
-        """(1, H, num_queries, num_keys), from the table in block 0."""
+    def position_bias(self, num_queries: int, num_keys: int, past: int | torch.Tensor = 0) -> torch.Tensor:
+        """(1, H, num_queries, num_keys), from the table in block 0 (see T5Attention.position_bias)."""
         return self.block[0].layer[0].SelfAttention.position_bias(num_queries, num_keys, past)
 
 
@@ -234,6 +234,7 @@ class T5ForConditionalGeneration(nn.Module):
 
     @property
     def num_layers(self) -> int:
+        """Decoder layers: the length of the past / present / cross K/V lists."""
         return self.config.num_decoder_layers
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
