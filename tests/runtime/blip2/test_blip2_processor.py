@@ -291,6 +291,19 @@ def test_bad_input(folders):
             fn()
 
 
+def test_missing_files(folders, tmp_path):
+    with pytest.raises(ValueError, match="cannot load tokenizer file .*tokenizer.json"):
+        Blip2TextProcessor.from_folder(tmp_path, NQ, None)
+    shutil.copy(folders["opt"] / "tokenizer.json", tmp_path / "tokenizer.json")
+    with pytest.raises(ValueError, match="no processor_config.json with an image_processor, nor preprocessor_config.json"):
+        Blip2Processor.from_folder(tmp_path, NQ, None)
+    # tokenizer.json alone: no named specials, so no pad id; equal lengths still encode.
+    alone = Blip2TextProcessor.from_folder(tmp_path, NQ, None)
+    assert alone.pad_token_id is None and alone.encode(["a", "b"])[0].shape == (2, 2)
+    with pytest.raises(ValueError, match="texts of different lengths need a pad_token"):
+        alone.encode(["a", "a cat"])
+
+
 def test_tokenizer_class_must_match_model(folders, tmp_path):
     # An OPT tokenizer_config.json (GPT2Tokenizer) beside a T5 tokenizer.json, both written by transformers.
     shutil.copytree(folders["t5"], tmp_path, dirs_exist_ok=True)
