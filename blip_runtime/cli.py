@@ -348,18 +348,28 @@ def main(argv: list[str] | None = None) -> int:
         doc.update(_jsonable(out))
         doc["seconds"] = seconds
         doc["load_seconds"] = load_seconds
-        print(json.dumps(doc, ensure_ascii=False))
+        print(_dumps(doc))
     else:
         _print_human(args, out, seconds, load_seconds)
     return 0
+
+
+def _dumps(doc: dict) -> str:
+    """JSON text; file names that are not UTF-8 (lone surrogates in Python) as \\u escapes, so that
+    the output stays valid UTF-8 and json.loads gives back the same str."""
+    text = json.dumps(doc, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(doc)
+    return text
 
 
 def _fail(args: argparse.Namespace, reason: str) -> int:
     """One line on stderr; with --json also one object on stdout. Exit code 1."""
     print(f"blip-run: {reason}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"bundle": args.bundle, "task": args.command, "error": f"blip-run: {reason}",
-                          "exit_code": 1}, ensure_ascii=False))
+        print(_dumps({"bundle": args.bundle, "task": args.command, "error": f"blip-run: {reason}", "exit_code": 1}))
     return 1
 
 

@@ -19,6 +19,7 @@ from .graphs import Dims, GraphSpec
 
 FORMAT_VERSION = 1
 FAMILIES = ("blip",)  # the values of "family" this runtime runs
+DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")  # tensor dtypes in I/O tables
 
 
 class BundleError(ValueError):
@@ -211,6 +212,10 @@ def load_manifest(folder: str | Path) -> Manifest:
         if not file.is_file():
             raise BundleError(f"{file}: graph {name!r} listed in the manifest but missing")
         graphs[name] = GraphSpec.from_dict(entry["io"])
+        for t in (*graphs[name].inputs, *graphs[name].outputs):
+            if t.dtype not in DTYPES:
+                raise BundleError(f"{path}: graph {name!r} tensor {t.name!r} has dtype {t.dtype!r}; expected one of "
+                                  f"{', '.join(DTYPES)}")
     if not (folder / data["tokenizer"]["file"]).is_file():
         raise BundleError(f"{folder / data['tokenizer']['file']}: tokenizer listed in the manifest but missing")
     known = {f.name for f in fields(Dims)}  # a newer exporter may record more

@@ -59,6 +59,8 @@ class OrtSession:
             name: ort.InferenceSession(str(manifest.graph_path(name)), options(name), providers=providers)
             for name in manifest.graphs
         }
+        for name, session in self.sessions.items():
+            _check_io(manifest, name, session)
 
     def run(self, graph: str, feeds: dict[str, np.ndarray], keep: Sequence[str] = ()) -> dict[str, np.ndarray]:
         spec = self.manifest.graphs.get(graph)
@@ -67,3 +69,17 @@ class OrtSession:
         spec.check_feeds(feeds)
         names = [t.name for t in spec.outputs]
         return dict(zip(names, self.sessions[graph].run(names, feeds)))
+
+
+def _check_io(manifest: Manifest, name: str, session) -> None:
+    """The manifest's I/O table must name the graph's own inputs and outputs: feeds are checked
+    against the table, so a table edited apart from its graph would fail inside ONNX Runtime."""
+    spec = manifest.graphs[name]
+    for side, declared, actual in (("inputs", spec.inputs, session.get_inputs()),
+                                   ("outputs", spec.outputs, session.get_outputs())):
+        want, have = sorted(t.name for t in declared), sorted(t.name for t in actual)
+        if want != have:
+            raise BundleError(
+                f"{manifest.graph_path(name)}: the manifest lists {side} {want} for graph {name!r}, the graph has "
+                f"{have}; re-export the bundle"
+            )

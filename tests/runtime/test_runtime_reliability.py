@@ -368,6 +368,10 @@ BAD_MANIFESTS = {
     "io shape": (_set("graphs.vision.io.inputs.0.shape", "batch"), ["'graphs.vision.io.inputs[0].shape'", "expected list"]),
     "io axis": (_set("graphs.decoder_step.io.outputs.0.shape", [1.5]),
                 ["'graphs.decoder_step.io.outputs[0].shape[0]' is a JSON number", "expected integer or string"]),
+    "io dtype": (_set("graphs.vision.io.outputs.0.dtype", "float99"),
+                 ["graph 'vision' tensor 'image_embeds' has dtype 'float99'", "expected one of float32"]),
+    "io names": (_set("graphs.vision.io.inputs.0.name", "pixels"),
+                 ["vision.onnx: the manifest lists inputs ['pixels']", "the graph has ['pixel_values']"]),
     "tokenizer": (_set("tokenizer", "tokenizer.json"), ["'tokenizer' is a JSON string"]),
     "tokenizer length": (_set("tokenizer.model_max_length", "64"), ["'tokenizer.model_max_length'", "integer or null"]),
     "image size": (_set("image.size", "big"), ["'image.size' is a JSON string", "expected object or integer or list"]),
@@ -392,12 +396,12 @@ def test_bad_manifests(models, tmp_path, capsys, image_files, case):
     with pytest.raises(BundleError) as e:
         BlipRuntime.load(bundle)
     msg = str(e.value)
-    assert msg.startswith(str(bundle / "manifest.json")) and "\n" not in msg, msg
+    assert msg.startswith(str(bundle)) and "\n" not in msg, msg
     for w in words:
         assert w in msg, (w, msg)
     rc, out, err = run(capsys, "--json", bundle, "caption", image_files[0])
     assert rc == 1
-    one_line(err, "manifest.json", *words)
+    one_line(err, str(bundle), *words)
     doc = json.loads(out)
     assert doc["exit_code"] == 1 and doc["error"] == err.strip()
 
@@ -658,24 +662,26 @@ def test_threads_share_one_runtime(rt):
                                                                          num_beams=1 + i % 3, max_new_tokens=8)))
         jobs.append(("sample", lambda im=im, i=i: rt["caption"].caption([im], do_sample=True, seed=i, max_new_tokens=8)))
         jobs.append(("vqa", lambda im=im, i=i: rt["vqa"].answer([im, imgs[-1]], ["what is it", "two"][: 1 + i % 2] * (2 - i % 2))))
-        jobs.append(("itm", lambda im=im: rt["ret"].match([im], "a red circle " * 20)))
-        jobs.append(("itc", lambda i=i: rt["ret"].text_features(["a blue square"] * (1 + i) + ["x " * 50])))
+        # texts longer than the 64 positions: truncation (set per call on the shared tokenizer) must hold
+        jobs.append(("itm", lambda im=im, i=i: rt["ret"].match([im], "a red circle " * (10 + 10 * i))))
+        jobs.append(("itc", lambda i=i: rt["ret"].text_features(["a blue square"] * (1 + i) + ["x y " * 50])))
     serial = [f() for _, f in jobs]
     barrier = threading.Barrier(8)
 
     def work(k):
         barrier.wait()
-        return [jobs[j][1]() for j in range(k, len(jobs), 8)] * 1
+        return [jobs[j][1]() for j in range(k, len(jobs), 8)]
 
-    with ThreadPoolExecutor(8) as pool:
-        parallel = list(pool.map(work, range(8)))
-    for k, results in enumerate(parallel):
-        for j, got in zip(range(k, len(jobs), 8), results):
-            want = serial[j]
-            if isinstance(want, np.ndarray):
-                np.testing.assert_array_equal(got, want, err_msg=jobs[j][0])
-            else:
-                assert got == want, (jobs[j][0], got, want)
+    for _ in range(3):  # races show only now and then (without the tokenizer's lock: 4 of 240 ITM calls)
+        with ThreadPoolExecutor(8) as pool:
+            parallel = list(pool.map(work, range(8)))
+        for k, results in enumerate(parallel):
+            for j, got in zip(range(k, len(jobs), 8), results):
+                want = serial[j]
+                if isinstance(want, np.ndarray):
+                    np.testing.assert_array_equal(got, want, err_msg=jobs[j][0])
+                else:
+                    assert got == want, (jobs[j][0], got, want)
 
 
 def test_rss_flat_over_many_calls(rt):
@@ -694,3 +700,18 @@ def test_rss_flat_over_many_calls(rt):
     grown = process.memory_info().rss - before
     print(f"RSS grew by {grown / 1e6:.2f} MB over 300 calls")
     assert grown < 15e6
+
+
+def test_file_names_that_are_not_utf8(capsys, models, image_files, tmp_path):
+    """A file name with bytes that are not UTF-8 is a valid path: it runs, and --json stays valid
+    UTF-8 with the name as \\u escapes that json.loads turns back into the same str."""
+    import os
+
+    odd = os.fsdecode(bytes(tmp_path) + b"/\xff.png")
+    shutil.copy(image_files[0], odd)
+    rc, out, err = run(capsys, "--json", models["caption"][2], "caption", odd)
+    assert rc == 0, err
+    out.encode("utf-8")
+    doc = json.loads(out)
+    assert doc["results"][0]["image"] == odd
+    assert doc["results"][0]["caption"] == BlipRuntime.load(models["caption"][2]).caption(image_files[0])[0]
