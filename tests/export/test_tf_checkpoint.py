@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from blip_export import CheckpointError
+from blip_export import CheckpointError, load_model
 from blip_export.config import read_config
 from blip_export.modeling import MODEL_CLASSES
 from blip_export.tf_weights import read_tf_h5
@@ -84,13 +84,16 @@ def outputs(name: str, model, e: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     }
 
 
+@pytest.mark.parametrize("loader", ["load_model", "read_tf_h5"])
 @pytest.mark.parametrize("name", NAMES)
-def test_outputs_match_tensorflow(name):
+def test_outputs_match_tensorflow(name, loader):
+    """Through load_model (which finds tf_model.h5 in the folder) and straight from read_tf_h5."""
     e = expected(name)
-    ours = outputs(name, load_tf(FIXTURES / name), e)
+    model = load_model(FIXTURES / name)[0] if loader == "load_model" else load_tf(FIXTURES / name)
+    ours = outputs(name, model, e)
     assert set(ours) == set(e) - {k for k in e if e[k].dtype == torch.int64 or k == "pixel_values"}
     for key, value in ours.items():
-        assert_close(value, e[key], REL, f"{name} {key}")
+        assert_close(value, e[key], REL, f"{name} {key} ({loader})")
     assert "tensorflow" not in sys.modules, "reading tf_model.h5 must not need TensorFlow"
 
 
@@ -157,14 +160,15 @@ def copy(name: str, tmp_path: Path) -> Path:
 
 
 def expect_error(path: Path, *fragments: str) -> str:
-    with pytest.raises(CheckpointError) as info:
-        read_tf_h5(path)
-    message = str(info.value)
-    print(message)
-    assert "\n" not in message, "errors are one line"
-    for fragment in (str(path),) + fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
-    return message
+    """read_tf_h5(path), and load_model on its folder, raise one line naming the file and fragments."""
+    for read in (read_tf_h5, lambda p: load_model(p.parent)):
+        with pytest.raises(CheckpointError) as info:
+            read(path)
+        message = str(info.value)
+        print(message)
+        assert "\n" not in message, "errors are one line"
+        for fragment in (str(path),) + fragments:
+            assert fragment in message, f"{fragment!r} not in {message!r}"
 
 
 DATASET = "vision_model/tf_blip_for_conditional_generation/vision_model/encoder/layers_._1/mlp/fc2/kernel:0"
@@ -200,7 +204,7 @@ def test_dataset_present_but_not_listed(tmp_path):
 
 def test_listed_extra_dataset_is_a_key_the_model_lacks(tmp_path):
     """An extra variable that Keras would load maps to a PyTorch key of its own, which the key
-    checks of whoever loads then reject by name."""
+    checks of load_model then reject by name."""
     import h5py
 
     path = copy("caption", tmp_path)
@@ -210,10 +214,29 @@ def test_listed_extra_dataset_is_a_key_the_model_lacks(tmp_path):
         group.create_dataset(weight, data=np.zeros((32, 2), np.float32))
         names = list(group.attrs["weight_names"]) + [weight]
         group.attrs["weight_names"] = np.array(names, dtype=h5py.string_dtype())
-    state = read_tf_h5(path)
-    assert state["text_decoder.extra_head.weight"].shape == (2, 32)
-    with pytest.raises(AssertionError, match="text_decoder.extra_head.weight"):
-        load_tf(path.parent, state)
+    assert read_tf_h5(path)["text_decoder.extra_head.weight"].shape == (2, 32)
+    with pytest.raises(CheckpointError) as info:
+        load_model(path.parent)
+    print(info.value)
+    assert str(path) in str(info.value) and "text_decoder.extra_head.weight" in str(info.value)
+    assert "does not have" in str(info.value)
+
+
+def test_dataset_removed_with_its_listing_is_a_missing_weight(tmp_path):
+    import h5py
+
+    path = copy("caption", tmp_path)
+    with h5py.File(path, "r+") as f:
+        del f[DATASET]
+        group = f["vision_model"]
+        weight = DATASET.split("/", 1)[1]
+        names = [n for n in group.attrs["weight_names"] if n != weight]
+        group.attrs["weight_names"] = np.array(names, dtype=h5py.string_dtype())
+    assert "vision_model.encoder.layers.1.mlp.fc2.weight" not in read_tf_h5(path)
+    with pytest.raises(CheckpointError) as info:
+        load_model(path.parent)
+    print(info.value)
+    assert "missing" in str(info.value) and "vision_model.encoder.layers.1.mlp.fc2.weight (32, 48)" in str(info.value)
 
 
 def test_non_float_dataset_and_not_a_keras_file(tmp_path):
@@ -224,7 +247,7 @@ def test_non_float_dataset_and_not_a_keras_file(tmp_path):
         del f[DATASET]
         f[DATASET] = np.zeros((48, 32), np.int32)
     expect_error(path, DATASET, "dtype int32")
-    other = tmp_path / "plain.h5"
+    other = copy("caption", tmp_path / "plain")  # an HDF5 file of another writer (Keras 3 is one)
     with h5py.File(other, "w") as f:
         f["weights"] = np.zeros(3, np.float32)
     expect_error(other, "no 'layer_names'")
