@@ -255,7 +255,8 @@ def test_non_float_dataset_and_not_a_keras_file(tmp_path):
 
 def test_chunked_weight_names_and_shard_layout(tmp_path):
     """Keras splits a name list over 64 KiB into weight_names0, weight_names1, ... (BLIP-base's text
-    decoder has such a list); a shard of a sharded save lists the variables at the root."""
+    decoder's is ~32 KB: deeper models get there); a shard of a sharded save (save_pretrained with
+    max_shard_size, written here as transformers 4.x writes one) lists the variables at the root."""
     import h5py
 
     full = read_tf_h5(FIXTURES / "caption" / "tf_model.h5")
