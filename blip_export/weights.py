@@ -233,6 +233,19 @@ def tie_sources(ties: dict[str, str]) -> dict[str, list[Source]]:
     return sources
 
 
+def _candidates(name: str, sources: dict[str, list[Source]]) -> list[Source]:
+    """The parameter's own key, then its sources, then theirs (a copy of a copy is a copy), in order."""
+    out, seen, i = [Source(name)], {name}, 0
+    while i < len(out):
+        if out[i].rows is None:  # a slice of a fused tensor has no copies of its own here
+            for src in sources.get(out[i].key, []):
+                if src.key not in seen:
+                    seen.add(src.key)
+                    out.append(src)
+        i += 1
+    return out
+
+
 def _shown(items: list[str]) -> str:
     return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
 
@@ -255,7 +268,7 @@ def load_into(model: nn.Module, folder: Path, tie_word_embeddings: bool = True,
     plan: dict[str, Source] = {}  # target parameter -> where it comes from
     used: set[str] = set()
     for name in targets:
-        candidates = [Source(name), *sources.get(name, [])]
+        candidates = _candidates(name, sources)
         present = [s for s in candidates if s.key in where]
         if present:
             plan[name] = present[0]

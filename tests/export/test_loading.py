@@ -83,9 +83,24 @@ def test_all_architectures_named_in_config_load(tmp_path):
         assert type(model).__name__ == arch and config.architecture == arch
 
 
-def test_other_architecture_blip2(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "blip-2", "architectures": ["Blip2ForConditionalGeneration"]}))
-    expect_error(tmp_path, "config.json", "blip-2", "not a BLIP checkpoint")
+def test_blip2_folder_is_routed_and_blip_weights_are_named(good, tmp_path):
+    """model_type blip-2 loads BLIP-2's model; BLIP weights under a blip-2 config.json (and the reverse)
+    get one error naming the first unexpected and missing keys."""
+    from blip2_oracle import hf_config as blip2_config, make_checkpoint as make_blip2
+
+    blip2 = tmp_path / "blip2"
+    make_blip2("Blip2ForConditionalGeneration", blip2, blip2_config("opt", True), with_processor=False)
+    model, config = load_model(blip2)
+    assert type(model).__name__ == "Blip2ForConditionalGeneration" and config.family == "blip-2"
+
+    folder = copy(good, tmp_path)
+    shutil.copy(blip2 / "config.json", folder / "config.json")
+    expect_error(folder, "config.json", "model_type 'blip-2'", "BLIP (BLIP-1) checkpoint", "unexpected keys text_decoder.",
+                 "missing query_tokens")
+    reverse = tmp_path / "reverse"
+    shutil.copytree(blip2, reverse)
+    shutil.copy(good[0] / "config.json", reverse / "config.json")
+    expect_error(reverse, "config.json", "model_type 'blip'", "BLIP-2 checkpoint", "unexpected keys language_model.", "missing text_decoder.")
 
 
 def test_other_architecture_bert(tmp_path):
