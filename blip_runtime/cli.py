@@ -1,7 +1,8 @@
 """`blip-run BUNDLE TASK ...`: captions, VQA answers, image-text match scores and ITC features
 from an engine bundle written by `blip-export`.
 
-    blip-run BUNDLE caption IMAGE... [--prompt P] [--num-beams N] [--max-new-tokens N] ...
+    blip-run BUNDLE caption IMAGE... [--prompt P] [--num-beams N] [--max-new-tokens N]
+                                     [--num-return-sequences N] ...
     blip-run BUNDLE vqa IMAGE... --question Q            (one for all images, or one per image)
     blip-run BUNDLE itm IMAGE... --text T                (one for all images, or one per image)
     blip-run BUNDLE embed [--image IMAGE]... [--text T]...

@@ -72,7 +72,8 @@ def _open(path: str, where: str, need: tuple[int, int], limit: int | None) -> Im
             w, h = im.size
             if w * h > limit and im.format == "JPEG":
                 im.draft(im.mode, (need[0] * DRAFT_MARGIN, need[1] * DRAFT_MARGIN))
-            _check_size(im.size, limit, where, f"image file {path!r}")
+            drafted = f" (a {w}x{h} JPEG, decoded reduced)" if im.size != (w, h) else ""
+            _check_size(im.size, limit, where, f"image file {path!r}{drafted}")
             im.load()
             im = ImageOps.exif_transpose(im, in_place=False) if im.getexif().get(0x0112, 1) != 1 else im
             if im.mode in HIGH_DEPTH_MODES:

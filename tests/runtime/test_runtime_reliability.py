@@ -529,6 +529,19 @@ def test_16_bit_and_float_images_are_scaled(tmp_path):
     assert loaded.mean() < 200, "a 16-bit ramp must not come out white"
 
 
+def test_16_bit_files_through_the_runtime_and_cli(rt, models, capsys, tmp_path):
+    """A 16-bit PNG file runs as its 8-bit scaling, in the API and in blip-run (not as white)."""
+    data = np.random.default_rng(1).integers(0, 65536, (40, 50), dtype=np.uint16)
+    path = tmp_path / "photo16.png"
+    Image.fromarray(data).save(path)
+    scaled = Image.fromarray(np.rint(data / 257.0).astype(np.uint8), "L")
+    np.testing.assert_array_equal(rt["caption"].pixels([str(path)]), rt["caption"].pixels([scaled]))
+    assert not np.array_equal(rt["caption"].pixels([str(path)]), rt["caption"].pixels([Image.new("L", (50, 40), 255)]))
+    rc, out, err = run(capsys, "--json", models["caption"][2], "caption", path)
+    assert rc == 0, err
+    assert json.loads(out)["results"][0]["caption"] == rt["caption"].caption([scaled])[0]
+
+
 def test_pixel_limit_is_configurable(monkeypatch, tmp_path):
     im = Image.fromarray(images(1)[0])  # 50 x 40 = 2000 pixels
     path = tmp_path / "small.png"
@@ -566,7 +579,8 @@ def test_large_jpegs_decode_reduced(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match=r"image: image file .*photo.jpg' has 1600x1200 pixels"):
         load_image(path)  # 384 x 384 needs both sides >= 768: no reduction fits the limit
     monkeypatch.setattr(image_module, "MAX_IMAGE_PIXELS", 10_000)  # still above it after 1/8: refused
-    with pytest.raises(ValueError, match=r"images\[0\]: image file .*photo.jpg' has 400x300 pixels"):
+    with pytest.raises(ValueError, match=r"images\[0\]: image file .*photo.jpg' \(a 1600x1200 JPEG, decoded "
+                                         r"reduced\) has 400x300 pixels"):
         preprocess([str(path)], settings)
 
 
