@@ -223,8 +223,8 @@ class BlipRuntime:
         """Captions, one per image; with a prompt, the caption continues it (and includes it, as
         transformers' decode of the generated sequence does). With num_return_sequences=n > 1: one
         list of n captions per image, best first."""
-        n = self._sequences(generation)
-        return self._decode_text(self.caption_tokens(images, prompt, **generation), n)
+        tokens = self.caption_tokens(images, prompt, **generation)
+        return self._decode_text(tokens, self._sequences(generation))
 
     def caption_tokens(self, images, prompt: str | Sequence[str] | None = None, **generation) -> list:
         """Token ids per image: [DEC], the prompt's tokens, the generated tokens (with [SEP] if reached);
@@ -250,8 +250,8 @@ class BlipRuntime:
     def answer(self, images, questions: str | Sequence[str], **generation) -> list[str] | list[list[str]]:
         """Answers, one per image/question pair; with num_return_sequences=n > 1, one list of n
         answers per pair, best first."""
-        n = self._sequences(generation)
-        return self._decode_text(self.answer_tokens(images, questions, **generation), n)
+        tokens = self.answer_tokens(images, questions, **generation)
+        return self._decode_text(tokens, self._sequences(generation))
 
     def answer_tokens(self, images, questions: str | Sequence[str], **generation) -> list:
         """Token ids per pair: [DEC] and the generated answer (with [SEP] if reached); with
