@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .config import BlipConfig
+from .files import current_umask, mkdir_unique
 
 # transformers.image_utils.OPENAI_CLIP_MEAN / OPENAI_CLIP_STD, what every BLIP checkpoint uses.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -230,7 +231,7 @@ def save_checkpoint(
     tensors = checkpoint_state(model, tie)
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = mkdir_unique(folder.parent, f".{folder.name}.")
     try:
         _write_json(tmp / "config.json", config_dict(config, architecture, tie))
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -243,10 +244,9 @@ def save_checkpoint(
         _write_json(tmp / "processor_config.json", processor_dict(image_size or config.vision.image_size, mean, std))
         if tokenizer_dir is not None:
             _tokenizer_files(Path(tokenizer_dir), config, tmp)
-        # mkdtemp makes the folder private and safetensors its file: a checkpoint is ordinary data.
-        os.chmod(tmp, 0o755)
+        # safetensors makes its file private: a checkpoint is ordinary data, under the user's umask.
         for path in tmp.iterdir():
-            os.chmod(path, 0o644)
+            os.chmod(path, 0o666 & ~current_umask())
         if folder.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
             os.replace(folder, old / folder.name)

@@ -145,7 +145,21 @@ def remove_stale(dest: Path) -> list[Path]:
     return removed
 
 
-def _mkdir_unique(parent: Path, prefix: str) -> Path:
+def current_umask() -> int:
+    """The process's umask, read without changing it where /proc has it (Linux 4.7+)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc: the set-and-restore dance
+    os.umask(mask)
+    return mask
+
+
+def mkdir_unique(parent: Path, prefix: str) -> Path:
+    """A new folder `parent/<prefix><random>`, with the permissions the umask gives any folder."""
     while True:
         path = parent / f"{prefix}{secrets.token_hex(4)}"
         try:
@@ -165,7 +179,7 @@ def staging(dest: str | os.PathLike, kind: str = "") -> Iterator[Path]:
     dest = output_path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(dest)
-    root = _mkdir_unique(dest.parent, f".{dest.name}.{kind + '.' if kind else ''}")
+    root = mkdir_unique(dest.parent, f".{dest.name}.{kind + '.' if kind else ''}")
     try:
         (root / OWNER_FILE).write_text(json.dumps(_owner()) + "\n", encoding="utf-8")
         payload = root / dest.name

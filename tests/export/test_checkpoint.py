@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -203,12 +204,16 @@ def test_replaces_folder_atomically(tmp_path, tokenizer_dir):
     with pytest.raises(ValueError):
         save_checkpoint(second, bad, folder, tokenizer_dir=tokenizer_dir)
     assert (folder / "stale.txt").is_file(), "a failed save must leave the old checkpoint as it was"
-    save_checkpoint(second, cfg, folder, tokenizer_dir=tokenizer_dir)
+    mask = os.umask(0o027)  # a checkpoint is ordinary data: the umask decides, as for any folder
+    try:
+        save_checkpoint(second, cfg, folder, tokenizer_dir=tokenizer_dir)
+    finally:
+        os.umask(mask)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"], "no temporary folders left"
     assert not (folder / "stale.txt").exists(), "the folder is replaced, not merged"
     loaded, _ = load_model(folder)
     pixels, _ = inputs()
     with torch.no_grad():
         assert_close(loaded.image_feat(pixels), second.image_feat(pixels), REL, "replaced checkpoint")
-    assert oct(folder.stat().st_mode & 0o777) == "0o755"
-    assert oct((folder / "model.safetensors").stat().st_mode & 0o777) == "0o644"
+    assert oct(folder.stat().st_mode & 0o777) == "0o750"
+    assert oct((folder / "model.safetensors").stat().st_mode & 0o777) == "0o640"
