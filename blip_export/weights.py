@@ -251,14 +251,17 @@ def _shown(items: list[str]) -> str:
 
 
 def load_into(model: nn.Module, folder: Path, tie_word_embeddings: bool = True,
-              sources: dict[str, list[Source]] | None = None, ignored: tuple = ()) -> None:
+              sources: dict[str, list[Source]] | None = None, ignored: tuple = (),
+              share_ties: bool = False) -> None:
     """Fill every parameter of `model` from the checkpoint in `folder`, or raise CheckpointError.
 
     Each parameter comes from its own key when the file has it, else from the first of its
     `sources` (default: BLIP's ties, by `tie_word_embeddings`) that the file has. Every checkpoint
     key must be used (a source of a filled parameter counts: it is a copy), or match IGNORED_KEYS or
     `ignored` (exact keys or compiled patterns); every parameter must be filled with a tensor of its
-    exact shape, converted to the parameter's dtype.
+    exact shape, converted to the parameter's dtype. share_ties: a parameter filled from another
+    parameter's own key becomes that parameter (one tensor, as transformers ties them), instead of a
+    copy: for OPT-2.7b's lm_head, 0.26 GB in fp16.
     """
     folder = Path(folder)
     if sources is None:
@@ -295,7 +298,26 @@ def load_into(model: nn.Module, folder: Path, tie_word_embeddings: bool = True,
             )
         if entry.dtype is None or not entry.dtype.is_floating_point:
             raise CheckpointError(f.path, f"key {src.key!r} has dtype {entry.dtype_name}, expected a floating-point tensor")
+    if share_ties:
+        _share(model, plan, targets)
     _copy(files, where, plan, targets)
+
+
+def _share(model: nn.Module, plan: dict[str, Source], targets: dict[str, torch.Tensor]) -> None:
+    """Re-point each parameter planned from another parameter's own key at that parameter and drop
+    it from the plan. Its own storage, never written, is freed without having cost memory."""
+    for name, src in list(plan.items()):
+        owner = plan.get(src.key)
+        if src.rows is not None or src.key == name or owner is None or owner.key != src.key:
+            continue
+        if targets[name].shape != targets[src.key].shape or targets[name].dtype != targets[src.key].dtype:
+            continue
+        prefix, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(prefix)
+        if not isinstance(parent._parameters.get(leaf), nn.Parameter):
+            continue
+        parent._parameters[leaf] = model.get_parameter(src.key)
+        del plan[name]
 
 
 @torch.no_grad()

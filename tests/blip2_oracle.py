@@ -92,12 +92,18 @@ def rerandomize(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> tor
 
 
 def make_checkpoint(arch: str, folder, config, seed: int = 0, std: float = 0.05, with_processor: bool = True,
-                    **save_kwargs):
+                    untie_head: bool = False, **save_kwargs):
     """Build transformers' `arch` from `config`, re-randomize, save_pretrained it (and its
-    Blip2Processor) to `folder`. Returns the transformers model (eval, fp32)."""
+    Blip2Processor) to `folder`. Returns the transformers model (eval, fp32).
+
+    untie_head: a language-model head of its own, not the input embedding (transformers 5 ties T5's
+    always; Flan-T5's files hold a different one), so that a tiny LM does not predict its input."""
     import transformers
 
     model = getattr(transformers, arch)(config).eval()
+    if untie_head:
+        head = model.language_model.lm_head
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
     rerandomize(model, seed=seed, std=std)
     model.save_pretrained(folder, **save_kwargs)
     if with_processor:

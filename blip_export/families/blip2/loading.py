@@ -40,4 +40,4 @@ def build(config: Blip2Config, dtype: torch.dtype) -> nn.Module:
 
 def load_weights(model: nn.Module, folder: Path) -> None:
     sources, ignored = key_map(model)
-    load_into(model, folder, sources=sources, ignored=ignored)
+    load_into(model, folder, sources=sources, ignored=ignored, share_ties=True)

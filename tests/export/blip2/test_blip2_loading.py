@@ -155,3 +155,18 @@ def test_tensorflow_weights_file_is_named(opt_folder, tmp_path):
     (tf / "model.safetensors").unlink()
     (tf / "tf_model.h5").write_bytes(b"not an hdf5 file")
     expect_error(tf, "tf_model.h5")
+
+
+def test_tied_head_is_one_tensor(opt_folder, tmp_path):
+    """OPT's lm_head absent from the file (transformers writes the tied embed_tokens only): one
+    parameter, as transformers ties it. A file that holds a different head keeps its own."""
+    folder, theirs = opt_folder
+    model, _ = load_model(folder)
+    lm = model.language_model
+    assert lm.lm_head.weight is lm.model.decoder.embed_tokens.weight
+    own = copy(folder, tmp_path)
+    rewrite(own, lambda s: s.update({"language_model.lm_head.weight": torch.randn(s["language_model.model.decoder.embed_tokens.weight"].shape)}))
+    model, _ = load_model(own)
+    lm = model.language_model
+    assert lm.lm_head.weight is not lm.model.decoder.embed_tokens.weight
+    assert not torch.equal(lm.lm_head.weight, lm.model.decoder.embed_tokens.weight)
