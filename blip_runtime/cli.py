@@ -52,7 +52,7 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         if _Parser.json_errors:
-            print(json.dumps({"error": f"{self.prog}: {message}", "exit_code": 2}, ensure_ascii=False))
+            print(_dumps({"error": f"{self.prog}: {message}", "exit_code": 2}))
         super().error(message)
 
 
@@ -204,19 +204,21 @@ def _batches(n: int, size: int):
         yield slice(start, start + size)
 
 
+def _plural(key: str, out: list) -> str:
+    """One string per image goes under `key`; a list per image (several sequences) under `key`s."""
+    return key + "s" if out and isinstance(out[0], list) else key
+
+
 def _run(rt, args, size: int) -> dict:
     """Run the task; returns {"results": [...], and "similarity" for embed}."""
     images = args.images
-    if args.command in ("caption", "vqa"):
-        opts = _generation(args)
-        # one string per image, or with several sequences a list per image: plural key
-        key = {"caption": "caption", "vqa": "answer"}[args.command]
-        key += "s" if (args.num_return_sequences or 1) > 1 else ""
+    opts = _generation(args) if args.command in ("caption", "vqa") else {}
     if args.command == "caption":
         prompts = _spread(args.prompt, len(images))
         out = []
         for s in _batches(len(images), size):
             out += rt.caption(images[s], prompt=prompts[s] if prompts else None, **opts)
+        key = _plural("caption", out)
         return {"results": [{"image": im, **({"prompt": prompts[i]} if prompts else {}), key: c}
                             for i, (im, c) in enumerate(zip(images, out))]}
     if args.command == "vqa":
@@ -224,6 +226,7 @@ def _run(rt, args, size: int) -> dict:
         out = []
         for s in _batches(len(images), size):
             out += rt.answer(images[s], questions[s], **opts)
+        key = _plural("answer", out)
         return {"results": [{"image": im, "question": q, key: a} for im, q, a in zip(images, questions, out)]}
     if args.command == "itm":
         texts = _spread(args.text, len(images))
