@@ -170,3 +170,24 @@ def test_tied_head_is_one_tensor(opt_folder, tmp_path):
     lm = model.language_model
     assert lm.lm_head.weight is not lm.model.decoder.embed_tokens.weight
     assert not torch.equal(lm.lm_head.weight, lm.model.decoder.embed_tokens.weight)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype, rel", [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
+def test_half_precision_model_runs_near_fp32(opt_folder, tmp_path, dtype, rel):
+    """A half-precision checkpoint loaded in its own dtype: every tensor bit for bit as in the file (the
+    Q-Former's widened exactly), and logits near the fp32 model's (the Q-Former ran in fp32)."""
+    import copy as copying
+
+    folder, theirs = opt_folder
+    half = tmp_path / str(dtype)
+    copying.deepcopy(theirs).to(dtype).save_pretrained(half)
+    model, _ = load_model(half, dtype="auto")
+    state = load_file(str(half / "model.safetensors"))
+    for name, p in model.state_dict().items():
+        if name in state:
+            assert torch.equal(p, state[name].to(p.dtype)), name
+    reference, config = load_model(half)  # the same weights in fp32
+    image = [config.image_token_index] * config.num_query_tokens
+    ids = torch.tensor([image + [2, 5, 6], image + [2, 7, 8]])
+    assert_close(model(pixels(), ids).float(), reference(pixels(), ids), rel, f"{dtype} logits vs fp32")

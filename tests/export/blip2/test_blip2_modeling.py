@@ -178,3 +178,32 @@ def test_text_and_vision_models_with_projection(tmp_path):
     embeds, hidden = ours_vision(x)
     assert_close(embeds, ref.image_embeds, REL, "Blip2VisionModelWithProjection image_embeds")
     assert_close(hidden, ref.last_hidden_state, REL, "Blip2VisionModelWithProjection last_hidden_state")
+
+
+class _Prefix(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values, input_ids):
+        embeds, _ = self.model.merge(self.model.image_prefix(pixel_values), input_ids, None)
+        return embeds
+
+
+@torch.no_grad()
+def test_image_prefix_and_merge_trace_to_onnx(generation, tmp_path):
+    """The pieces a graph wrapper calls export as they are (no flags), with dynamic batch and length."""
+    import onnxruntime as ort
+
+    _, _, ours, config = generation("opt", True)
+    image = [config.image_token_index] * NUM_QUERIES
+    ids = torch.tensor([image + [2, 5, 6], image + [2, 7, 8]])
+    path = tmp_path / "prefix.onnx"
+    torch.onnx.export(_Prefix(ours), (pixels(), ids), str(path), input_names=["pixel_values", "input_ids"],
+                      output_names=["inputs_embeds"], dynamo=False,
+                      dynamic_axes={"pixel_values": {0: "B"}, "input_ids": {0: "B", 1: "S"}})
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = pixels(3, seed=9)
+    ids = torch.tensor([image + [2, 5, 6, 9], image + [2, 7, 8, 9], image + [2, 7, 10, 11]])
+    got = session.run(None, {"pixel_values": x.numpy(), "input_ids": ids.numpy()})[0]
+    assert_close(got, _Prefix(ours)(x, ids), REL, "ONNX image prefix merged into the prompt embeddings")

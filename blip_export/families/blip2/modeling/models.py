@@ -90,7 +90,7 @@ class Blip2ForConditionalGeneration(_QueryImage):
                                  f"(id {token}), got {counts.tolist()}")
         # The i-th image token of a row takes the row's i-th query: masked_scatter's order when every
         # row has Q of them, written as a gather so that it traces.
-        index = (is_image.cumsum(dim=1) - 1).clamp(min=0)  # (B, S)
+        index = (is_image.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, S); ONNX CumSum takes no bool
         gathered = prefix.gather(1, index[..., None].expand(-1, -1, prefix.shape[2]))  # (B, S, D_lm)
         return torch.where(is_image[..., None], gathered.to(embeds.dtype), embeds), attention_mask
 
