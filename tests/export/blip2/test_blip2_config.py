@@ -53,6 +53,7 @@ def test_public_config_dims_equal_transformers(path):
         assert (t.num_layers, t.num_decoder_layers, t.num_heads, t.d_kv, t.d_ff) == (
             tt.num_layers, tt.num_decoder_layers, tt.num_heads, tt.d_kv, tt.d_ff)
         assert t.scale_decoder_outputs == tt.scale_decoder_outputs is False  # Flan-T5: own lm_head, no rescale
+        assert (t.dense_act_fn, t.is_gated_act) == (tt.dense_act_fn, tt.is_gated_act)
 
 
 def test_defaults_and_what_transformers_writes(tmp_path):
