@@ -116,21 +116,6 @@ def opt_position_ids(attention_mask: torch.Tensor, past_length: int = 0) -> torc
     return positions[:, past_length:].long()
 
 
-def _opt_hidden(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """OPTModel's last hidden state (before lm_head) [B, S, E], through the LM module's own layers."""
-    dec = lm.model.decoder
-    x = dec.embed_tokens(input_ids)
-    x = dec.project_in(x) if dec.project_in is not None else x
-    x = x + dec.embed_positions(opt_position_ids(attention_mask) + 2)  # OPT's position offset
-    from ....modeling.common import causal_padding_mask
-
-    mask = causal_padding_mask(attention_mask, input_ids.shape[1], x.dtype)
-    for layer in dec.layers:
-        x, _ = layer(x, mask, None)
-    x = dec.final_layer_norm(x) if dec.final_layer_norm is not None else x
-    return dec.project_out(x) if dec.project_out is not None else x
-
-
 class Blip2Model(Blip2ForConditionalGeneration):
     """The features model: the same modules as Blip2ForConditionalGeneration (forward included),
     plus transformers' get_*_features."""
@@ -152,7 +137,8 @@ class Blip2Model(Blip2ForConditionalGeneration):
         lm = self.language_model
         if self.config.is_encoder_decoder:
             return lm.encode(lm.embed(input_ids), attention_mask)
-        return _opt_hidden(lm, input_ids, attention_mask)
+        hidden, _ = lm.hidden(lm.embed(input_ids), attention_mask, opt_position_ids(attention_mask))
+        return hidden
 
 
 class Blip2ForImageTextRetrieval(_QueryImage):
