@@ -263,12 +263,13 @@ def _generators(options: GenerationOptions, requests: int) -> list[np.random.Gen
 class GreedyDecoder:
     """transformers' `_sample`: argmax, or one multinomial draw per row; EOS ends a row, which then
     receives pad_token_id until every row has ended or max_new_tokens is reached. Rows are
-    request-major: `rows // requests` consecutive rows per request."""
+    request-major: `rows // requests` consecutive rows per request, each request sampling from its
+    own generator (requests=1: one generator for all rows)."""
 
     def __init__(self, options: GenerationOptions, filters: list[LogitFilter], rows: int, prompt_length: int,
-                 requests: int | None = None):
+                 requests: int = 1):
         self.options, self.filters, self.prompt_length = options, filters, prompt_length
-        self.rngs = _generators(options, requests or rows)
+        self.rngs = _generators(options, requests)
         self.lengths = np.full(rows, options.max_new_tokens, dtype=np.int64)  # final length of each row
         self.running = np.ones(rows, dtype=bool)
 
