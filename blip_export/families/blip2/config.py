@@ -160,10 +160,6 @@ def config_from_dict(data: dict, source: str = "config.json") -> Blip2Config:
         text_data = {"model_type": "opt"}  # transformers' default language model
     elif isinstance(text_data, dict) and "model_type" not in text_data:
         text_data = {**text_data, "model_type": "opt"}
-    if isinstance(text_data, dict) and isinstance(text_data.get("scale_decoder_outputs"), bool):
-        # transformers 5 writes T5's real switch as scale_decoder_outputs and always tie_word_embeddings
-        # true; T5Config reads the rescale from tie_word_embeddings (what older files say).
-        text_data = {**text_data, "tie_word_embeddings": text_data["scale_decoder_outputs"]}
     where = f"{source}: text_config"
     if known[0] in WITH_LANGUAGE_MODEL:
         text = text_config_from_dict(text_data, where)

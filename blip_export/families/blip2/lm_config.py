@@ -78,6 +78,9 @@ class T5Config:
     # As written in config.json: True scales the decoder output by d_model**-0.5 before lm_head (T5 v1.0,
     # whose head is the shared embedding); Flan-T5 says False (own lm_head.weight, no rescale).
     tie_word_embeddings: bool = True
+    # transformers 5 writes the rescale switch under its own name (and tie_word_embeddings always true);
+    # when present it wins over tie_word_embeddings. None: not in the file (4.x-era config.json).
+    scale_decoder_outputs_flag: bool | None = None
     decoder_start_token_id: int = 0  # the pad token starts every T5 decoder
     bos_token_id: int | None = None  # T5 has none; BLIP-2's configs say 1
     eos_token_id: int = 1
@@ -110,14 +113,18 @@ class T5Config:
 
     @property
     def scale_decoder_outputs(self) -> bool:
-        """transformers' T5: rescale by d_model**-0.5 exactly when config.json does not say
-        tie_word_embeddings false."""
+        """transformers' T5: rescale by d_model**-0.5 when config.json says scale_decoder_outputs true
+        (transformers 5), or, in files without that key, does not say tie_word_embeddings false."""
+        if self.scale_decoder_outputs_flag is not None:
+            return self.scale_decoder_outputs_flag
         return self.tie_word_embeddings
 
 
 # Fields that may hold None (meaning: derive from other fields) and what a non-null value must be.
 _OPTIONAL = {"word_embed_proj_dim": int, "num_decoder_layers": int, "dense_act_fn": str,
-             "is_gated_act": bool, "bos_token_id": int}
+             "is_gated_act": bool, "bos_token_id": int, "scale_decoder_outputs_flag": bool}
+# Dataclass field -> config.json key, where the key is not a valid field name here (a property has it).
+_KEYS = {"scale_decoder_outputs_flag": "scale_decoder_outputs"}
 
 
 def _expected(f) -> type:
@@ -127,7 +134,7 @@ def _expected(f) -> type:
 def _build(cls, d: dict, where: str):
     kwargs = {}
     for f in fields(cls):
-        value = d.get(f.name)
+        value = d.get(_KEYS.get(f.name, f.name))
         if value is None:
             continue
         want = _expected(f)

@@ -102,6 +102,17 @@ def test_head_rescale_follows_tie_word_embeddings():
     assert text_config_from_dict(TINY_T5, "t").scale_decoder_outputs is False
     assert text_config_from_dict(dict(TINY_T5, tie_word_embeddings=True), "t").scale_decoder_outputs is True
     assert text_config_from_dict({"model_type": "t5"}, "t").scale_decoder_outputs is True  # transformers' default
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_head_rescale_from_a_config_written_by_transformers_5(tie):
+    """transformers 5 writes scale_decoder_outputs and always tie_word_embeddings true: the former wins."""
+    import transformers
+
+    given = {k: v for k, v in TINY_T5.items() if k not in ("model_type", "tie_word_embeddings")}
+    written = transformers.T5Config(**given, tie_word_embeddings=tie).to_dict()
+    assert written["tie_word_embeddings"] is True and written["scale_decoder_outputs"] is tie
+    assert text_config_from_dict(written, "t").scale_decoder_outputs is tie
     _, ours = t5_pair(VARIANTS["t5 v1.0 (relu, tied, rescaled)"])
     assert torch.equal(ours.lm_head.weight, ours.shared.weight)  # filled from shared: the file has no lm_head
 
@@ -294,7 +305,7 @@ def test_published_text_configs(name):
         assert cfg.scale_decoder_outputs == theirs.scale_decoder_outputs
     # every field as transformers reads the same dict (defaults for what it omits)
     for f in dataclasses.fields(cfg):
-        if kind is T5Config and f.name == "tie_word_embeddings":
+        if kind is T5Config and f.name in ("tie_word_embeddings", "scale_decoder_outputs_flag"):
             continue  # transformers forces True and keeps the file's value as scale_decoder_outputs (above)
         assert getattr(cfg, f.name) == getattr(theirs, f.name), f.name
     again = text_config_from_dict({"model_type": d["model_type"], **dataclasses.asdict(cfg)}, name)
