@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from blip_runtime.graphs import ROLE_GEMV
 from blip_runtime.manifest import load_manifest
 
 
@@ -69,7 +70,8 @@ def main() -> None:
         for name, make in {
             "fp16": lambda d: to_fp16(src, d, graph),
             "int8 (QDQ s8s8)": lambda d: to_int8(src, d, graph, calib[graph], calib[graph][-1:], bound=1e9),
-            "int8-cpu (dynamic u8s8)": lambda d: to_int8_cpu(src, d, graph, calib[graph][-1:], bound=1e9),
+            "int8-cpu (dynamic u8s8)": lambda d: to_int8_cpu(src, d, graph, calib[graph][-1:], bound=1e9,
+                                                             gemv=manifest.graphs[graph].has(ROLE_GEMV)),
         }.items():
             dst = out / f"{graph}-{name.split()[0]}.onnx"
             if not dst.is_file():

@@ -31,7 +31,7 @@ def feeds_for(manifest, graph: str) -> dict:
     """Batch 1; the decoder step at half the forced caption length of cache, over all image tokens."""
     dims = manifest.dims
     sizes = {"batch": 1, "text": 1, "past": NEW_TOKENS // 2, "enc": dims.num_image_tokens}
-    return random_feeds(manifest.graphs[graph], dims, sizes, seed=0)
+    return random_feeds(manifest.graphs[graph], sizes, seed=0)
 
 
 def session(path: Path, profile_dir: str | None = None):

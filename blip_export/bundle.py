@@ -15,7 +15,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blip_runtime.graphs import Dims, GraphSpec, Limits, blip_graphs, random_feeds
+from blip_runtime.families.blip.graphs import Dims, axes, graphs as blip_graphs
+from blip_runtime.graphs import GraphSpec, Limits, axes_to_dict, random_feeds
 from blip_runtime.image import CLIP_MEAN, CLIP_STD, ImageSettings
 from blip_runtime.manifest import FORMAT_VERSION
 from blip_runtime.processor_config import image_processor_config
@@ -178,7 +179,7 @@ def verify(model, spec: GraphSpec, dims: Dims, path: Path, with_feat: bool) -> d
     names = [o.name for o in spec.outputs]
     worst = {"max_abs": 0.0, "rel": 0.0}
     for i, sizes in enumerate(verify_sizes(spec, dims)):
-        feeds = random_feeds(spec, dims, sizes, seed=i)
+        feeds = random_feeds(spec, sizes, seed=i)
         ours = dict(zip(names, session.run(names, feeds)))
         max_abs, rel = compare(ours, reference_outputs(model, spec, feeds, with_feat))
         worst = {"max_abs": max(worst["max_abs"], max_abs), "rel": max(worst["rel"], rel)}
@@ -224,7 +225,7 @@ def export_bundle(
         notes.append(f"{folder}: no processor_config.json or preprocessor_config.json; using BLIP's image "
                      f"defaults ({settings.size[0]} px bicubic, CLIP mean/std); the manifest records it")
         say(notes[-1])
-    graphs = blip_graphs(dims, set(chosen), config.architecture, keys_transposed=not ort_attention)
+    graphs = blip_graphs(dims, set(chosen), keys_transposed=not ort_attention)
     with staging(dest) as tmp:
         copy_tokenizer(folder, tmp / "tokenizer.json")
         with_feat = "itc" in chosen
@@ -258,6 +259,7 @@ def export_bundle(
             "target": "onnx",
             "dims": dims.to_dict(),
             "limits": limits.__dict__,
+            "axes": axes_to_dict(axes(dims, limits)),
             "graphs": entries,
             **({"attention_op": "com.microsoft.MultiHeadAttention"} if ort_attention else {}),
             "tokenizer": {"file": "tokenizer.json", "sha256": sha256(tmp / "tokenizer.json"),

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blip_runtime.graphs import BATCH, ENC, PAST, TEXT, Dims, GraphSpec, cross_keys_transposed, random_feeds
+from blip_runtime.families.blip.graphs import Dims, cross_keys_transposed
+from blip_runtime.graphs import BATCH, ENC, PAST, TEXT, GraphSpec, random_feeds
 
 from .wrappers import WRAPPERS
 
@@ -33,7 +34,7 @@ def export_graph(model: torch.nn.Module, spec: GraphSpec, dims: Dims, path: Path
     """Trace the wrapper for `spec` and write `path` (weights inside the file, under 2 GB)."""
     wrapper = make_wrapper(model, spec, with_feat)
     wrapper.eval()
-    feeds = random_feeds(spec, dims, trace_sizes(spec, dims))
+    feeds = random_feeds(spec, trace_sizes(spec, dims))
     args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about python ints: shapes are covered by tests

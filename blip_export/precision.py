@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from blip_runtime import BlipRuntime
+from blip_runtime.graphs import ROLE_GEMV
 from blip_runtime.manifest import load_manifest
 
 from .files import ExportError, check_output, copy_file, install, sha256, staging
@@ -259,7 +260,8 @@ def convert_bundle(
             elif precision == "int8-qdq":
                 info = to_int8(source, target, name, calib[name], held[name], bound=bound, method=method, progress=say)
             else:
-                info = to_int8_cpu(source, target, name, held[name], bound=bound, progress=say)
+                info = to_int8_cpu(source, target, name, held[name], bound=bound, progress=say,
+                                   gemv=ROLE_GEMV in entry["io"].get("roles", ()))
             accuracy[name] = graph_errors(run_all(ort_session(target), held[name]), run_all(ort_session(source), held[name]))
             say(f"{name}: max abs {accuracy[name]['max_abs']:.3e}, relative {accuracy[name]['rel']:.3e}")
             graphs[name] = {**entry, "sha256": sha256(target), "precision": info}

@@ -8,7 +8,7 @@
   cannot build them. Graphs of many rows (vision, text encoder, cross_kv): dynamic quantization
   (DynamicQuantizeMatMul / MatMulInteger, u8 activations quantized per call, per-channel int8
   weights). The decoder step, a few rows per call: MatMulNBits with 8-bit symmetric weights in
-  blocks of 128 along K and int8 compute (accuracy_level 4), see GEMV_GRAPHS.
+  blocks of 128 along K and int8 compute (accuracy_level 4), see graphs.ROLE_GEMV.
 
 Layers that lose too much stay float. Attention probabilities @ V are kept out by rule
 (attention_prob_matmuls); the rest is chosen by measurement (search_exclusions): quantize, measure
@@ -48,7 +48,7 @@ HOLDOUT_FRACTION = 0.25  # of the feeds given, held out to measure errors when n
 # them faster than DynamicQuantizeMatMul. Measured on the BLIP-base decoder step, 2 cores: batch 1
 # 8.4 -> 7.7 ms per step (a 20-token caption's steps 175 -> 154 ms), 3 rows 13.1 -> 13.3 ms, 8 rows
 # 23.3 -> 25.6 ms; at 64 rows and more DynamicQuantizeMatMul is twice as fast, so the other graphs keep it.
-GEMV_GRAPHS = frozenset({"decoder_step"})
+# Which graphs those are is their I/O spec's role (graphs.ROLE_GEMV): to_int8_cpu(gemv=True).
 NBITS_BLOCK = 128
 
 
@@ -308,10 +308,11 @@ def to_int8_cpu(
     granularity: str = "layer",
     min_top1: float = INT8_MIN_TOP1,
     progress=None,
+    gemv: bool = False,
 ) -> dict:
     """Write the `int8-cpu` form of `src` to `dst`: ONNX Runtime dynamic quantization (int8 weights
     per output channel, uint8 activations quantized at run time per tensor: DynamicQuantizeMatMul /
-    MatMulInteger), or for GEMV_GRAPHS MatMulNBits (8-bit symmetric weights per block of NBITS_BLOCK,
+    MatMulInteger), or with gemv=True (graphs of ROLE_GEMV) MatMulNBits (8-bit symmetric weights per block of NBITS_BLOCK,
     activations quantized to int8 per block at run time). Only MatMul/Gemm with constant weights are
     quantized (a patch-embedding ConvInteger is slower than the fp32 Conv). No calibration: `feeds`
     only measure the error and drive the same exclusion search as to_int8. Not for TensorRT.
@@ -326,7 +327,6 @@ def to_int8_cpu(
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(src), str(pre), skip_optimization=True, skip_symbolic_shape=True)
 
-        gemv = graph in GEMV_GRAPHS
         MatMulNBitsQuantizer = _nbits_quantizer() if gemv else None
 
         def quantize(exclude: list[str], out: Path) -> None:

@@ -19,7 +19,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from blip_runtime.graphs import Limits, profile_shapes
+from blip_runtime.families import family
+from blip_runtime.graphs import Limits, axes_to_dict, profile_shapes
 from blip_runtime.manifest import BundleError, load_manifest
 from blip_runtime.trt_session import trt_unavailable_reason
 
@@ -122,8 +123,9 @@ def build_engines(bundle_dir: Path, dst: Path, limits: Limits, timing_cache: Pat
         copy_file(source.folder / source.data["tokenizer"]["file"], tmp / source.data["tokenizer"]["file"])
         info = _build_info(timing_cache, tf32)
         entries = {}
+        axes = family(source.data["family"]).axes(source.dims, limits)
         for name, spec in source.graphs.items():
-            shapes = profile_shapes(spec, source.dims, limits)
+            shapes = profile_shapes(spec, axes)
             say(f"building the {name} engine")
             start = time.time()
             engine = tmp / f"{name}.engine"
@@ -139,7 +141,7 @@ def build_engines(bundle_dir: Path, dst: Path, limits: Limits, timing_cache: Pat
                 "build_seconds": round(time.time() - start, 2),
             }
         manifest = {
-            **source.data, "target": "trt", "limits": asdict(limits), "graphs": entries,
+            **source.data, "target": "trt", "limits": asdict(limits), "axes": axes_to_dict(axes), "graphs": entries,
             "build": {**source.data.get("build", {}), "tensorrt": {
                 **info, "source_bundle": str(Path(bundle_dir).resolve()),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}},

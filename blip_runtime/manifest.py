@@ -15,7 +15,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .decoding import _OPTION_CHECKS
-from .graphs import Dims, GraphSpec
+from .families.blip.graphs import Dims
+from .graphs import GraphSpec
 
 FORMAT_VERSION = 1
 FAMILIES = ("blip",)  # the values of "family" this runtime runs

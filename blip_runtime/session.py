@@ -6,6 +6,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from .graphs import ROLE_LOOP
 from .manifest import BundleError, Manifest
 
 
@@ -14,10 +15,6 @@ class Session(Protocol):
         """Outputs by name. `keep`: output name patterns a device backend may return as device
         tensors (fed back as inputs later without a host copy); host backends ignore it."""
         ...
-
-
-# Graphs run back to back in the decoding loop: their thread pools spin between runs.
-LOOP_GRAPHS = frozenset({"decoder_step"})
 
 
 class OrtSession:
@@ -46,12 +43,12 @@ class OrtSession:
                 f"providers {missing} are not available in this onnxruntime build (available: {available}); "
                 "install onnxruntime-gpu for CUDA/TensorRT"
             )
-        def options(graph: str):
+        def options(graph: str):  # graphs of the decoding loop (ROLE_LOOP): their pools spin between runs
             opts = ort.SessionOptions()
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             if threads:
                 opts.intra_op_num_threads = threads
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if graph in LOOP_GRAPHS else "0")
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if manifest.graphs[graph].has(ROLE_LOOP) else "0")
             return opts
 
         self.manifest = manifest

@@ -14,6 +14,7 @@ from blip_export import load_model
 from blip_export.bundle import export_bundle
 from blip_export.cli import main as export_main
 from blip_export.onnx_export import compare, reference_outputs
+from blip_runtime.families.blip.graphs import axes as blip_axes
 from blip_runtime.graphs import BATCH, ENC, PAST, TEXT, Limits, profile_shapes, random_feeds
 from blip_runtime.manifest import load_manifest
 from blip_runtime.session import OrtSession
@@ -57,7 +58,7 @@ def test_every_graph_matches_reference(bundles, arch):
         for i, sizes in enumerate(SIZES):
             if name not in ("cross_kv", "decoder_step"):
                 sizes = {**sizes, ENC: dims.num_image_tokens}
-            feeds = random_feeds(spec, dims, sizes, seed=100 + i)
+            feeds = random_feeds(spec, sizes, seed=100 + i)
             ours = session.run(name, feeds)
             max_abs, rel = compare(ours, reference_outputs(model, spec, feeds, with_feat="itc" in manifest.tasks))
             print(f"{arch} {name} {sizes}: max abs error {max_abs:.2e}, relative {rel:.2e}")
@@ -99,11 +100,11 @@ def test_runtime_input_checks(bundles):
 def test_profiles_from_table(bundles):
     manifest = load_manifest(bundles["BlipForConditionalGeneration"] / "bundle")
     limits = Limits(max_batch=4, max_text_len=20, max_new_tokens=10, num_beams=3)
-    prof = profile_shapes(manifest.graphs["decoder_step"], manifest.dims, limits)
+    prof = profile_shapes(manifest.graphs["decoder_step"], blip_axes(manifest.dims, limits))
     lo, opt, hi = prof["past_key.0"]
     assert lo == (1, 4, 0, 8) and hi == (12, 4, 30, 8)  # rows = batch x beams; past up to text + new tokens
     assert prof["attention_mask"][2] == (12, 50)
-    assert profile_shapes(manifest.graphs["vision"], manifest.dims, limits)["pixel_values"] == (
+    assert profile_shapes(manifest.graphs["vision"], blip_axes(manifest.dims, limits))["pixel_values"] == (
         (1, 3, 32, 32), (1, 3, 32, 32), (4, 3, 32, 32))
 
 
@@ -144,11 +145,11 @@ def test_runtime_never_imports_torch():
 def test_cross_key_layouts():
     """The standard graphs carry cross-attention keys transposed ([.., Dh, enc]); the ONNX Runtime forms
     ([.., enc, Dh], MultiHeadAttention's layout) differ in that tensor only, in both graphs that carry it."""
-    from blip_runtime.graphs import Dims, blip_graphs, cross_keys_transposed
+    from blip_runtime.families.blip.graphs import Dims, cross_keys_transposed, graphs as blip_graphs
 
     dims = Dims(image_size=32, num_image_tokens=5, vision_hidden=16, text_hidden=16, num_layers=2, num_heads=2,
                 head_dim=8, vocab_size=50, itc_dim=0)
-    std, ort_ = blip_graphs(dims, {"caption"}, "blip"), blip_graphs(dims, {"caption"}, "blip", keys_transposed=False)
+    std, ort_ = blip_graphs(dims, {"caption"}), blip_graphs(dims, {"caption"}, keys_transposed=False)
     for name in ("cross_kv", "decoder_step"):
         assert cross_keys_transposed(std[name]) and not cross_keys_transposed(ort_[name])
         tensors = lambda spec: {t.name: t for t in (*spec.inputs, *spec.outputs)}  # noqa: E731
@@ -161,3 +162,24 @@ def test_cross_key_layouts():
                 assert a[n] == b[n], n
     assert {k: v for k, v in std.items() if k not in ("cross_kv", "decoder_step")} == \
         {k: v for k, v in ort_.items() if k not in ("cross_kv", "decoder_step")}
+
+
+def test_roles_high_and_axes_in_manifest(bundles):
+    """Graph roles, token-id bounds and axis bounds travel in the manifest; an io entry without them
+    (an older exporter's) reads as no roles and no bound."""
+    from blip_runtime.graphs import ROLE_GEMV, ROLE_LOOP, GraphSpec, axes_from_dict
+
+    manifest = load_manifest(bundles["BlipForConditionalGeneration"] / "bundle")
+    step, vision = manifest.graphs["decoder_step"], manifest.graphs["vision"]
+    assert step.has(ROLE_LOOP) and step.has(ROLE_GEMV) and vision.roles == ()
+    ids = next(t for t in step.inputs if t.name == "input_ids")
+    assert ids.high == manifest.dims.vocab_size
+    assert all(t.high is None for t in step.inputs if t.name != "input_ids")
+    assert axes_from_dict(manifest.data["axes"]) == blip_axes(manifest.dims, Limits())
+    old = step.to_dict()
+    del old["roles"]
+    for t in old["inputs"]:
+        del t["high"]
+    again = GraphSpec.from_dict(old)
+    assert again.roles == () and all(t.high is None for t in again.inputs)
+    assert GraphSpec.from_dict(step.to_dict()) == step

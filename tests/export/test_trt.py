@@ -16,7 +16,8 @@ from onnx import TensorProto, helper
 from blip_export.bundle import export_bundle
 from blip_export.trt_build import TrtBuildError, build_engines, check_trt_available, engine_loader
 from blip_export.trt_onnx_support import SUPPORTED, problems
-from blip_runtime.graphs import BATCH, ENC, PAST, TEXT, Limits, profile_shapes, random_feeds
+from blip_runtime.families.blip.graphs import axes as blip_axes
+from blip_runtime.graphs import BATCH, ENC, PAST, ROLE_GEMV, TEXT, Limits, profile_shapes, random_feeds
 from blip_runtime.manifest import BundleError, load_manifest
 from blip_runtime.trt_session import check_engine_compatible
 from oracle import make_full_checkpoint
@@ -124,10 +125,10 @@ def test_converted_precisions(bundles, tmp_path, graph):
 
     manifest = load_manifest(bundles["BlipForConditionalGeneration"])
     src, spec, d = manifest.graph_path(graph), manifest.graphs[graph], manifest.dims
-    feeds = [random_feeds(spec, d, {BATCH: 2, TEXT: 3, PAST: 4, ENC: d.num_image_tokens}, seed=i) for i in range(4)]
+    feeds = [random_feeds(spec, {BATCH: 2, TEXT: 3, PAST: 4, ENC: d.num_image_tokens}, seed=i) for i in range(4)]
     to_fp16(src, tmp_path / "fp16.onnx", graph)
     to_int8(src, tmp_path / "int8.onnx", graph, feeds, bound=10.0)
-    to_int8_cpu(src, tmp_path / "int8-cpu.onnx", graph, feeds, bound=10.0)
+    to_int8_cpu(src, tmp_path / "int8-cpu.onnx", graph, feeds, bound=10.0, gemv=spec.has(ROLE_GEMV))
     fp16, int8 = onnx.load(str(tmp_path / "fp16.onnx")), onnx.load(str(tmp_path / "int8.onnx"))
     assert any(t.data_type == TensorProto.FLOAT16 for t in fp16.graph.initializer)
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in int8.graph.node}
@@ -162,7 +163,7 @@ def test_profiles_from_table(bundles, arch, limits):
     d, L = manifest.dims, limits
     rows, past_max = L.max_batch * L.num_beams, L.max_text_len + L.max_new_tokens
     for graph, spec in manifest.graphs.items():
-        prof = profile_shapes(spec, d, L)
+        prof = profile_shapes(spec, blip_axes(d, L))
         assert set(prof) == {t.name for t in spec.inputs}, graph
         seen: dict[str, tuple] = {}  # axis name -> (min, opt, max): one range per axis in a graph
         for t in spec.inputs:
@@ -194,7 +195,7 @@ def test_engine_loader_uses_the_table_profile(bundles, tmp_path):
     """The polygraphy loader chain is built without TensorRT: check what it would build with."""
     manifest = load_manifest(bundles["BlipForConditionalGeneration"])
     spec = manifest.graphs["decoder_step"]
-    shapes = profile_shapes(spec, manifest.dims, LIMITS[1])
+    shapes = profile_shapes(spec, blip_axes(manifest.dims, LIMITS[1]))
     (tmp_path / "cache").write_bytes(b"")  # an existing cache is read before and merged after the build
     loader = engine_loader(manifest.graph_path("decoder_step"), shapes, tmp_path / "cache", strongly_typed=True)
     (profile,) = loader._config.profiles
@@ -289,7 +290,7 @@ def test_engines_match_onnxruntime(bundles, engines, arch):
                                        {BATCH: 3, TEXT: 5, PAST: 7, ENC: 9}]):
                 if graph not in ("cross_kv", "decoder_step"):
                     sizes = {**sizes, ENC: d.num_image_tokens}
-                feeds = random_feeds(spec, d, sizes, seed=i)
+                feeds = random_feeds(spec, sizes, seed=i)
                 ours, ref = trt.run(graph, feeds), ort.run(graph, feeds)
                 for name, want in ref.items():
                     err = float(np.abs(ours[name] - want).max()) / max(float(np.abs(want).max()), 1e-30)
