@@ -1,0 +1,195 @@
+"""The Ray Serve application: one `BundleModel` deployment per bundle behind one `Gateway`.
+
+Ray Serve does the batching (`@serve.batch`), replicas, queue bounds and HTTP; the deployments hold
+a runtime and parse requests (blip_serve.inputs / openai_api), nothing more.
+"""
+
+
+import asyncio
+import hmac
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
+
+from . import openai_api
+from .batching import Failed, run_calls
+from .inputs import NEEDS, Call, Limits, RequestError, parse_task
+from .metrics import Metrics
+
+RESULT_KEYS = {"caption": "captions", "answer": "answers", "match": "scores", "image_features": "features",
+               "text_features": "features"}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    replicas: int = 1  # per bundle
+    max_batch: int = 8  # client requests per @serve.batch call
+    max_wait_ms: float = 10.0  # how long a replica waits to fill a batch
+    max_ongoing: int = 16  # requests a replica holds at once (its batch queue)
+    max_queued: int = 64  # requests waiting for a replica; beyond: 503
+    cpus_per_replica: float = 0.5  # Ray resources (fractional: several replicas share 2 cores)
+    threads: int | None = 1  # ONNX Runtime threads per replica
+    api_key: str | None = None
+    limits: Limits = field(default_factory=Limits)
+
+
+@serve.deployment(graceful_shutdown_timeout_s=30)
+class BundleModel:
+    """Holds one BlipRuntime; requests arriving together run as one batch."""
+
+    def __init__(self, bundle: str, config: ServeConfig, metrics):
+        from blip_runtime import BlipRuntime
+
+        self.name = Path(bundle).name
+        self.runtime = BlipRuntime.load(bundle, threads=config.threads)
+        self.metrics = metrics
+        # One worker thread: the runtime runs one batch at a time while the event loop keeps
+        # collecting the next one.
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.run.set_max_batch_size(config.max_batch)
+        self.run.set_batch_wait_timeout_s(config.max_wait_ms / 1000.0)
+
+    def tasks(self) -> list[str]:
+        return self.runtime.tasks
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def run(self, calls: list[Call]) -> list:
+        results, rows = await asyncio.get_running_loop().run_in_executor(self.pool, run_calls, self.runtime, calls)
+        self.metrics.batch.remote(self.name, len(calls), rows)
+        return results
+
+
+def _error(status: int, message: str, field_name: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "field": field_name, "code": status}}, status_code=status)
+
+
+app = FastAPI(title="blip-serve")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000, graceful_shutdown_timeout_s=30)
+@serve.ingress(app)
+class Gateway:
+    def __init__(self, models: dict, tasks: dict, config: ServeConfig, metrics):
+        self.models, self.tasks, self.config, self.metrics = models, tasks, config, metrics
+        self.key = config.api_key.encode() if config.api_key else None
+
+    def _auth(self, request: Request) -> None:
+        if self.key is not None:
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, b"Bearer " + self.key):
+                raise RequestError("authorization", "missing or wrong bearer token", status=401)
+
+    async def _body(self, request: Request):
+        self._auth(request)
+        raw = await request.body()
+        if len(raw) > self.config.limits.max_body_bytes:
+            raise RequestError("body", f"{len(raw)} bytes; expected at most {self.config.limits.max_body_bytes}", 413)
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RequestError("body", f"not valid JSON ({e})") from None
+
+    async def _call(self, model: str, call: Call):
+        """Run on a replica. A replica that dies under the request (killed, node lost) gets it
+        retried once on another; inference has no side effects."""
+        for attempt in (0, 1):
+            try:
+                result = await self.models[model].run.remote(call)
+                break
+            except (ActorDiedError, ActorUnavailableError, RayActorError):
+                if attempt:
+                    raise RequestError("model", f"{model}: the replica serving this request died; retry", 503)
+        if isinstance(result, Failed):
+            raise RequestError("body", result.message)
+        return result
+
+    async def _handle(self, request: Request, route: str, work, model: str | None = None):
+        """Parse, run `work(body)`, answer errors as JSON; count and time every request."""
+        start = time.perf_counter()
+        try:
+            body = await self._body(request)
+            model = model or (body.get("model") if isinstance(body, dict) else None)
+            response = await work(body)
+        except RequestError as e:
+            response = _error(e.status, str(e), e.field)
+        except BackPressureError:
+            response = _error(503, f"{model}: overloaded (queue full); retry later")
+        self.metrics.request.remote(str(model), route, getattr(response, "status_code", 200), time.perf_counter() - start)
+        return response
+
+    @app.get("/healthz")
+    def healthz(self):
+        return {"status": "ok", "models": self.tasks}
+
+    @app.get("/metrics")
+    async def metrics_route(self):
+        return Response(await self.metrics.render.remote(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    def list_models(self, request: Request):
+        try:
+            self._auth(request)
+        except RequestError as e:
+            return _error(e.status, str(e), e.field)
+        return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "blip-serve", "tasks": t}
+                                           for m, t in self.tasks.items()]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        async def work(body):
+            model, task, images, texts, options, n, stream = openai_api.parse_chat(body, self.tasks, self.config.limits)
+            result = await self._call(model, Call(task, images, texts, options))
+            if not stream:
+                return JSONResponse(openai_api.completion(model, result, n))
+            lines = [f"data: {json.dumps(c)}\n\n" for c in openai_api.chunks(model, result, n)] + ["data: [DONE]\n\n"]
+            return StreamingResponse(iter(lines), media_type="text/event-stream")
+        return await self._handle(request, "chat", work)
+
+    @app.post("/v1/{model}/{task}")
+    async def task(self, model: str, task: str, request: Request):
+        async def work(body):
+            if model not in self.models:
+                raise RequestError("model", f"unknown model {model!r}; expected one of {sorted(self.models)}", 404)
+            call = parse_task(task, body, self.config.limits)
+            if NEEDS[task] not in self.tasks[model]:
+                raise RequestError("task", f"{model} does {self.tasks[model]}; {task} needs {NEEDS[task]!r}", 404)
+            return {"model": model, "task": task, RESULT_KEYS[task]: await self._call(model, call)}
+        return await self._handle(request, task, work, model)
+
+
+def bundle_tasks(bundle: str | Path) -> list[str]:
+    """The tasks a bundle's manifest.json lists (the bundle format, engines/README.md), read
+    without loading its graphs; BlipRuntime.load checks the rest on each replica."""
+    path = Path(bundle) / "manifest.json"
+    try:
+        tasks = json.loads(path.read_text(encoding="utf-8"))["tasks"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a bundle manifest ({type(e).__name__}: {e})") from None
+    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+        raise ValueError(f"{path}: 'tasks' must be a list of strings")
+    return tasks
+
+
+def build_app(bundles: list[str], config: ServeConfig):
+    """bundles: folders; each becomes a deployment named after its folder."""
+    names = [Path(b).name for b in bundles]
+    if len(set(names)) != len(names):
+        raise ValueError(f"bundles: folder names must differ (they name the models), got {names}")
+    tasks = {n: bundle_tasks(b) for n, b in zip(names, bundles)}
+    metrics = Metrics.bind()
+    models = {}
+    for name, bundle in zip(names, bundles):
+        models[name] = BundleModel.options(
+            name=name, num_replicas=config.replicas, max_ongoing_requests=config.max_ongoing,
+            max_queued_requests=config.max_queued, ray_actor_options={"num_cpus": config.cpus_per_replica},
+        ).bind(str(Path(bundle).resolve()), config, metrics)
+    return Gateway.bind(models, tasks, config, metrics)
+

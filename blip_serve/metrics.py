@@ -1,0 +1,40 @@
+"""Prometheus metrics for the whole application, kept in one small deployment.
+
+Replicas run in processes of their own, so a `prometheus_client` registry per process would show
+only one replica's counts on /metrics. Instead the gateway and every model replica send their
+observations (fire and forget) to this one-replica deployment, and /metrics renders its registry.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from ray import serve
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("blip_serve_requests", "HTTP requests by model, route and status",
+                                ["model", "route", "status"], registry=self.registry)
+        self.latency = Histogram("blip_serve_request_latency_seconds", "Request latency at the gateway",
+                                 ["model", "route"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.batch_requests = Histogram("blip_serve_batch_requests", "Client requests per replica batch",
+                                        ["model"], buckets=_BATCH_BUCKETS, registry=self.registry)
+        self.batch_rows = Histogram("blip_serve_batch_rows", "Images (or texts) per runtime call",
+                                    ["model"], buckets=_BATCH_BUCKETS, registry=self.registry)
+
+    def request(self, model: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(model, route, str(status)).inc()
+        self.latency.labels(model, route).observe(seconds)
+
+    def batch(self, model: str, requests: int, rows: list[int]) -> None:
+        self.batch_requests.labels(model).observe(requests)
+        for r in rows:
+            self.batch_rows.labels(model).observe(r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
