@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from blip_runtime.families.blip2.graphs import BATCH, NEW, PAST, PROMPT, ROWS, TEXT, TOTAL, Blip2Dims
@@ -122,6 +123,28 @@ def export_graph(model: torch.nn.Module, spec: GraphSpec, dims: Blip2Dims, path:
         torch.onnx.export(wrapper, args, str(path), input_names=[t.name for t in spec.inputs],
                           output_names=[t.name for t in spec.outputs], dynamic_axes=spec.dynamic_axes(),
                           opset_version=OPSET, dynamo=False, do_constant_folding=True)
+    declare_outputs(path, spec)
+
+
+def declare_outputs(path: Path, spec: GraphSpec) -> None:
+    """Write the table's output shapes into the file: the tracer names every output axis it cannot
+    prove fixed (`LayerNormalizationimage_embeds_dim_1`), where the table says 257 or `prompt`.
+    Weights stored beside the graph (over 2 GB) stay where they are."""
+    model = onnx.load(str(path), load_external_data=False)
+    for out, t in zip(model.graph.output, spec.outputs):
+        if out.name != t.name:
+            raise ValueError(f"{spec.name}: ONNX output {out.name!r} where the table has {t.name!r}")
+        dims = out.type.tensor_type.shape.dim
+        if len(dims) != len(t.shape):
+            raise ValueError(f"{spec.name}: output {t.name!r} has rank {len(dims)}, the table says {t.shape}")
+        for d, axis in zip(dims, t.shape):
+            if isinstance(axis, int):
+                d.ClearField("dim_param")
+                d.dim_value = axis
+            else:
+                d.ClearField("dim_value")
+                d.dim_param = axis
+    onnx.save(model, str(path))
 
 
 def reference_outputs(model: torch.nn.Module, spec: GraphSpec, dims: Blip2Dims,
