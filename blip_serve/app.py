@@ -21,7 +21,7 @@ from ray.serve.exceptions import BackPressureError
 
 from . import openai_api
 from .batching import Failed, run_calls
-from .inputs import NEEDS, Call, Limits, RequestError, parse_task
+from .inputs import NEEDS, Call, Limits, RequestError, bundle_tasks, parse_task
 from .metrics import Metrics
 
 RESULT_KEYS = {"caption": "captions", "answer": "answers", "match": "scores", "image_features": "features",
@@ -163,19 +163,6 @@ class Gateway:
                 raise RequestError("task", f"{model} does {self.tasks[model]}; {task} needs {NEEDS[task]!r}", 404)
             return {"model": model, "task": task, RESULT_KEYS[task]: await self._call(model, call)}
         return await self._handle(request, task, work, model)
-
-
-def bundle_tasks(bundle: str | Path) -> list[str]:
-    """The tasks a bundle's manifest.json lists (the bundle format, engines/README.md), read
-    without loading its graphs; BlipRuntime.load checks the rest on each replica."""
-    path = Path(bundle) / "manifest.json"
-    try:
-        tasks = json.loads(path.read_text(encoding="utf-8"))["tasks"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a bundle manifest ({type(e).__name__}: {e})") from None
-    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
-        raise ValueError(f"{path}: 'tasks' must be a list of strings")
-    return tasks
 
 
 def build_app(bundles: list[str], config: ServeConfig):

@@ -11,8 +11,10 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image
 
@@ -53,7 +55,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class Call:
-    """One client request as a replica runs it: `images` are decoded RGB PIL images, `texts` one
+    """One client request as a replica runs it: `images` are decoded PIL images, `texts` one
     per image (or None), `options` the generation options as sorted (name, value) pairs so that
     requests with equal options batch together."""
 
@@ -68,7 +70,7 @@ class Call:
 
 
 def decode_image(value, field: str, limits: Limits) -> Image.Image:
-    """A base64 string or a data URL -> an RGB PIL image, refused above limits.max_pixels."""
+    """A base64 string or a data URL -> a decoded PIL image, refused above limits.max_pixels."""
     if not isinstance(value, str):
         raise RequestError(field, f"expected a base64 string or a data:image/...;base64, URL, got {type(value).__name__}")
     if value.startswith("data:"):
@@ -80,9 +82,15 @@ def decode_image(value, field: str, limits: Limits) -> Image.Image:
         data = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(field, "not valid base64") from None
+    return open_image(data, field, limits)
+
+
+def open_image(data: bytes, field: str, limits: Limits) -> Image.Image:
+    """Encoded image bytes (PNG, JPEG, ...) -> a decoded PIL image, refused above limits.max_pixels
+    (read from the header, before anything is decoded)."""
     try:
         image = Image.open(io.BytesIO(data))
-        w, h = image.size  # from the header: nothing decoded yet
+        w, h = image.size
         if w * h > limits.max_pixels:
             raise RequestError(field, f"{w}x{h} = {w * h} pixels; expected at most {limits.max_pixels}")
         image.load()
@@ -90,7 +98,7 @@ def decode_image(value, field: str, limits: Limits) -> Image.Image:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise RequestError(field, f"not a readable image ({e})") from None
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return image  # in its own mode: the runtime converts it as it converts a file
 
 
 def _text(value, field: str, limits: Limits) -> str:
@@ -163,3 +171,16 @@ def parse_task(task: str, body, limits: Limits) -> Call:
     if not generates and "options" in body:
         raise RequestError("options", f"{task} takes no generation options")
     return Call(task, images, texts, options)
+
+
+def bundle_tasks(bundle: str | Path) -> list[str]:
+    """The tasks a bundle's manifest.json lists (the bundle format, engines/README.md), read
+    without loading its graphs; BlipRuntime.load checks the rest on each replica."""
+    path = Path(bundle) / "manifest.json"
+    try:
+        tasks = json.loads(path.read_text(encoding="utf-8"))["tasks"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a bundle manifest ({type(e).__name__}: {e})") from None
+    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+        raise ValueError(f"{path}: 'tasks' must be a list of strings")
+    return tasks
