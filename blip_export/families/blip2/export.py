@@ -21,6 +21,7 @@ OPSET = 17
 
 ARCHITECTURE_TASKS = {
     "Blip2ForConditionalGeneration": ("generate",),
+    "Blip2Model": ("generate", "features"),
     "Blip2ForImageTextRetrieval": ("itm", "itc"),
 }
 
@@ -28,7 +29,7 @@ ARCHITECTURE_TASKS = {
 def dims_from_config(cfg: Blip2Config) -> Blip2Dims:
     v, q, t = cfg.vision_config, cfg.qformer_config, cfg.text_config
     lm = dict(lm="", vocab_size=0)
-    if t is not None and cfg.architecture == "Blip2ForConditionalGeneration":
+    if t is not None and cfg.architecture in ("Blip2ForConditionalGeneration", "Blip2Model"):
         if cfg.is_encoder_decoder:
             lm = dict(lm="t5", lm_hidden=t.d_model, lm_layers=t.num_decoder_layers or t.num_layers, lm_heads=t.num_heads,
                       lm_head_dim=t.d_kv, vocab_size=t.vocab_size)
@@ -82,9 +83,10 @@ def random_feeds(spec: GraphSpec, dims: Blip2Dims, sizes: dict[str, int], seed: 
     rng = np.random.default_rng(seed)
     sizes = {**sizes, TOTAL: sizes[PAST] + sizes[NEW]}
     Q, feeds = dims.num_query_tokens, {}
+    with_image = any(t.name == "image_prefix" for t in spec.inputs)
     for t in spec.inputs:
         shape = tuple(a if isinstance(a, int) else sizes[a] for a in t.shape)
-        if t.name == "input_ids" and PROMPT in t.shape:  # image tokens then text, behind left padding
+        if t.name == "input_ids" and with_image:  # image tokens then text, behind left padding
             ids = rng.integers(0, dims.vocab_size, shape, dtype=np.int64)
             ids[ids == dims.image_token_id] = (dims.image_token_id + 1) % dims.vocab_size
             mask = _left_padded(shape[0], shape[1], Q + 1)

@@ -35,14 +35,26 @@ def _pairs(flat, beam_idx: torch.Tensor | None = None) -> list[tuple[torch.Tenso
 
 
 class VisionGraph(nn.Module):
-    """pixel_values [B, 3, S, S] -> image_embeds [B, N, D_v]."""
+    """pixel_values [B, 3, S, S] -> image_embeds [B, N, D_v] (+ pooled_output [B, D_v])."""
+
+    def __init__(self, model: nn.Module, pooled: bool):
+        super().__init__()
+        self.model, self.pooled = model, pooled
+
+    def forward(self, pixel_values):
+        embeds, pooled = self.model.vision_model(pixel_values)
+        return (embeds, pooled) if self.pooled else embeds
+
+
+class TextStatesGraph(nn.Module):
+    """(input_ids, attention_mask int64 [B, S]) -> the LM's text states [B, S, D] (Blip2Model.get_text_features)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, pixel_values):
-        return self.model.vision_model(pixel_values)[0]
+    def forward(self, input_ids, attention_mask):
+        return self.model.get_text_features(input_ids, attention_mask)
 
 
 class QFormerGraph(nn.Module):
@@ -167,7 +179,8 @@ def make_wrapper(model: nn.Module, spec, dims) -> nn.Module:
     """The module whose inputs and outputs are `spec`'s (a GraphSpec of graphs.graphs(dims, ...))."""
     outputs = {t.name for t in spec.outputs}
     build = {
-        "vision": lambda: VisionGraph(model),
+        "vision": lambda: VisionGraph(model, "pooled_output" in outputs),
+        "text_states": lambda: TextStatesGraph(model),
         "qformer": lambda: QFormerGraph(model, "image_prefix" in outputs, "image_feat" in outputs),
         "itm": lambda: ItmGraph(model),
         "text_features": lambda: TextFeaturesGraph(model),

@@ -29,7 +29,8 @@ NEW = "new"  # tokens one decoding step feeds (1 in the loop)
 PAST = "past"  # cached decoder tokens
 TOTAL = "total"  # past + new
 
-TASKS = ("generate", "itm", "itc")  # generate: captions, questions, instructions through the LM
+# generate: captions, answers, instructions through the LM; features: Blip2Model's get_*_features
+TASKS = ("generate", "features", "itm", "itc")
 LMS = ("opt", "t5")
 F32, I64 = "float32", "int64"
 
@@ -89,16 +90,20 @@ def graphs(dims: Blip2Dims, tasks) -> dict[str, GraphSpec]:
     tasks = set(tasks)
     if not tasks or tasks - set(TASKS):
         raise ValueError(f"tasks: expected a non-empty subset of {TASKS}, got {sorted(tasks)}")
-    if "generate" in tasks and dims.lm not in LMS:
-        raise ValueError(f"tasks: 'generate' needs a language model (dims.lm one of {LMS}), got {dims.lm!r}")
+    if tasks & {"generate", "features"} and dims.lm not in LMS:
+        raise ValueError(f"tasks: 'generate' and 'features' need a language model (dims.lm one of {LMS}), "
+                         f"got {dims.lm!r}")
     if "itc" in tasks and not dims.itc_dim:
         raise ValueError("tasks: 'itc' needs the ITC projections (dims.itc_dim > 0)")
     N, Q, Dq, D, V = dims.num_image_tokens, dims.num_query_tokens, dims.qformer_hidden, dims.lm_hidden, dims.vocab_size
     image_embeds = TensorSpec("image_embeds", F32, (BATCH, N, dims.vision_hidden))
     out: dict[str, GraphSpec] = {}
+    pooled = (TensorSpec("pooled_output", F32, (BATCH, dims.vision_hidden)),) if "features" in tasks else ()
     out["vision"] = GraphSpec(
-        "vision", (TensorSpec("pixel_values", F32, (BATCH, 3, dims.image_size, dims.image_size)),), (image_embeds,),
-        "ViT-g over the preprocessed image: every token's last hidden state.")
+        "vision", (TensorSpec("pixel_values", F32, (BATCH, 3, dims.image_size, dims.image_size)),),
+        (image_embeds, *pooled),
+        "ViT-g over the preprocessed image: every token's last hidden state (and, for features, "
+        "pooled_output: the class token normalized once more, as get_image_features returns it).")
     q_out = [TensorSpec("query_output", F32, (BATCH, Q, Dq))]
     if "generate" in tasks:
         q_out.append(TensorSpec("image_prefix", F32, (BATCH, Q, D)))
@@ -120,6 +125,13 @@ def graphs(dims: Blip2Dims, tasks) -> dict[str, GraphSpec]:
         out["text_features"] = GraphSpec(
             "text_features", qtext, (TensorSpec("text_feat", F32, (BATCH, dims.itc_dim)),),
             "Q-Former in text-only mode: the L2-normalized ITC projection of the first token. fp32.")
+    if "features" in tasks:
+        out["text_states"] = GraphSpec(
+            "text_states",
+            (TensorSpec("input_ids", I64, (BATCH, PROMPT), V), TensorSpec("attention_mask", I64, (BATCH, PROMPT))),
+            (TensorSpec("text_states", F32, (BATCH, PROMPT, D)),),
+            "get_text_features: the LM over text alone (no image), OPT's decoder last hidden state with "
+            "positions from the mask, or T5's encoder output.")
     if "generate" not in tasks:
         return out
     prompt_ids = TensorSpec("input_ids", I64, (ROWS if dims.lm == "opt" else BATCH, PROMPT), dims.lm_id_high)

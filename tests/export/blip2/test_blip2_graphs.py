@@ -56,6 +56,11 @@ def generation(request, tmp_path_factory):
                    seed=8, std=0.1, untie_head=True)
 
 
+@pytest.fixture(scope="module", params=["opt", "t5"])
+def features(request, tmp_path_factory):
+    return _export(tmp_path_factory.mktemp("features"), "Blip2Model", hf_config(request.param, True), seed=2)
+
+
 @pytest.fixture(scope="module")
 def retrieval(tmp_path_factory):
     return _export(tmp_path_factory.mktemp("itm"), "Blip2ForImageTextRetrieval",
@@ -67,13 +72,16 @@ EXPECTED_GRAPHS = {"opt": ["vision", "qformer", "opt_prefill", "opt_step"],
                    "": ["vision", "qformer", "itm", "text_features"]}
 
 
-def test_table_matches_onnx_files(generation, retrieval):
-    for m in (generation, retrieval):
+def test_table_matches_onnx_files(generation, retrieval, features):
+    for m in (generation, retrieval, features):
         _check_table(m)
 
 
 def _check_table(m):
-    assert list(m.specs) == EXPECTED_GRAPHS[m.dims.lm]
+    expected = EXPECTED_GRAPHS[m.dims.lm]
+    if m.cfg.architecture == "Blip2Model":
+        expected = [*expected[:2], "text_states", *expected[2:]]
+    assert list(m.specs) == expected
     for name, spec in m.specs.items():
         graph = onnx.load(str(m.folder / f"{name}.onnx")).graph
         for what, declared, actual in (("inputs", spec.inputs, graph.input), ("outputs", spec.outputs, graph.output)):
@@ -97,6 +105,10 @@ def test_onnx_runtime_matches_wrappers(generation):
 
 def test_onnx_runtime_matches_wrappers_retrieval(retrieval):
     _check_ort(retrieval)
+
+
+def test_onnx_runtime_matches_wrappers_features(features):
+    _check_ort(features)
 
 
 def _check_ort(m):
@@ -186,7 +198,7 @@ def test_prefill_and_steps_match_transformers_with_past(generation):
             got = _wrap(m, "opt_step", nxt, mask, _positions(mask, new), beam_idx, *past)
             cache.reorder_cache(torch.from_numpy(beam_idx))
             ref = m.theirs.language_model(input_ids=torch.from_numpy(nxt), attention_mask=torch.from_numpy(mask),
-                                          past_key_values=cache, use_cache=True)
+                                          cache=cache, use_cache=True)
             assert_close(got[0], ref.logits[:, -1], REL, f"opt_step logits ({new} new) vs transformers with past")
             past, cache = got[1:], ref.past_key_values
         return
@@ -206,7 +218,7 @@ def test_prefill_and_steps_match_transformers_with_past(generation):
     cache.reorder_cache(torch.from_numpy(beam_idx))
     got = _wrap(m, "t5_step", dec[:, 2:], mask, beam_idx, *got[1:], *cross)
     ref = m.theirs.language_model(encoder_outputs=(enc,), attention_mask=torch.from_numpy(mask),
-                                  decoder_input_ids=torch.from_numpy(dec[:, 2:]), past_key_values=cache)
+                                  decoder_input_ids=torch.from_numpy(dec[:, 2:]), cache=cache)
     assert_close(got[0], ref.logits[:, -1], REL, "t5_step logits (3 new, past 2) vs transformers with past")
 
 
@@ -275,11 +287,12 @@ class OrtT5Inference:
 
 
 @torch.no_grad()
-def test_greedy_generation_through_onnx_runtime_matches_transformers(generation):
+@pytest.mark.parametrize("num_beams", [1, 3], ids=["greedy", "beam3"])
+def test_generation_through_onnx_runtime_matches_transformers(generation, num_beams):
     m = generation
     eos, pad = (2, 1) if m.dims.lm == "opt" else (1, 0)
     inputs = _prompts(m, ["a photo of", "what is the color of the small square"], pad_left=m.dims.lm == "opt")
-    settings = dict(max_new_tokens=10, do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=pad)
+    settings = dict(max_new_tokens=10, do_sample=False, num_beams=num_beams, eos_token_id=eos, pad_token_id=pad)
     if m.cfg.image_token_index is None:  # from embeddings, OPT returns the new tokens only
         ref = m.theirs.language_model.generate(**_legacy_lm_inputs(m, inputs), **settings)
         skip = 0 if m.dims.lm == "opt" else 1
@@ -287,7 +300,7 @@ def test_greedy_generation_through_onnx_runtime_matches_transformers(generation)
         ref = m.theirs.generate(**inputs, **settings)
         skip = inputs["input_ids"].shape[1] if m.dims.lm == "opt" else 1  # T5 returns the start token first
     expected = [row[: row.index(eos) + 1] if eos in row else row for row in ref[:, skip:].tolist()]
-    options = GenerationOptions(eos_token_id=eos, pad_token_id=pad, max_new_tokens=10)
+    options = GenerationOptions(eos_token_id=eos, pad_token_id=pad, max_new_tokens=10, num_beams=num_beams)
     pv = inputs["pixel_values"].numpy()
     if m.dims.lm == "opt":
         got = generate(OrtOptInference(m, pv), inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(), options)
@@ -347,4 +360,24 @@ def test_table_selection_and_dims_round_trip():
         axes(dims, Limits(max_text_len=2000))
     bounds = axes(dims, Limits(max_batch=8, max_text_len=40, max_new_tokens=30, num_beams=3))
     assert bounds["prompt"] == (1, 40, 72) and bounds["past"][2] == 102 and bounds["rows"][2] == 24
-    assert set(TASKS) == {"generate", "itm", "itc"}
+    assert set(TASKS) == {"generate", "features", "itm", "itc"}
+    features = graphs(dims, ["generate", "features"])
+    assert [t.name for t in features["vision"].outputs] == ["image_embeds", "pooled_output"]
+    assert features["text_states"].outputs[0].shape == ("batch", "prompt", 2560)
+
+
+@torch.no_grad()
+def test_blip2_model_features_through_onnx_runtime_match_transformers(features):
+    m = features
+    x = pixels()
+    vision = m.run("vision", pixel_values=x.numpy())
+    ref = m.theirs.get_image_features(pixel_values=x)
+    assert_close(vision["image_embeds"], ref.last_hidden_state, REL, "get_image_features last_hidden_state")
+    assert_close(vision["pooled_output"], ref.pooler_output, REL, "get_image_features pooler_output")
+    query = m.run("qformer", image_embeds=vision["image_embeds"])["query_output"]
+    assert_close(query, m.theirs.get_qformer_features(pixel_values=x), REL, "get_qformer_features")
+    ids = np.array([[2, 5, 6, 7, 8], [2, 9, 10, 11, 1]])
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    ref = m.theirs.get_text_features(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+    got = m.run("text_states", input_ids=ids, attention_mask=mask)["text_states"]
+    assert_close(got, ref.last_hidden_state, REL, f"get_text_features ({m.dims.lm})")
