@@ -96,6 +96,8 @@ def random_feeds(spec: GraphSpec, dims: Blip2Dims, sizes: dict[str, int], seed: 
             feeds[t.name], feeds["_prompt_mask"] = ids, mask
         elif t.high is not None:
             feeds[t.name] = rng.integers(0, t.high, shape, dtype=np.int64)
+        elif t.name == "position_ids":  # from the mask, below
+            feeds[t.name] = np.zeros(shape, np.int64)
         elif t.name == "beam_idx":
             feeds[t.name] = rng.permutation(shape[0]).astype(np.int64)
         elif t.name == "attention_mask" and spec.name == "opt_step":  # padding inside the past only

@@ -12,6 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def running_count(x: torch.Tensor) -> torch.Tensor:
+    """x int64 or bool [R, S] of 0/1 -> float32 [R, S], the sum of x[:, :j+1] at j (exact: whole numbers
+    below 2^11 even in fp16). A MatMul against the upper triangle, not CumSum nor an integer Clip:
+    TensorRT's CumSum and Clip take floating types only."""
+    pos = torch.arange(x.shape[1], device=x.device)
+    upto = (pos[:, None] <= pos[None, :]).float()  # (S, S): row i counts at every j >= i
+    return x.float() @ upto
+
+
 def place_prefix(embed, input_ids: torch.Tensor, prefix: torch.Tensor, image_token_id: int) -> torch.Tensor:
     """The LM's input embeddings: input_ids int64 [R, S] with Q ids equal to image_token_id per row,
     prefix [R, Q, D] -> [R, S, D], the i-th image token of a row taking the row's i-th query (what
@@ -19,7 +28,7 @@ def place_prefix(embed, input_ids: torch.Tensor, prefix: torch.Tensor, image_tok
     is_image = input_ids == image_token_id  # (R, S)
     # the legacy marker id is V, past the table: look image positions up at row 0, they are replaced
     embeds = embed(torch.where(is_image, torch.zeros_like(input_ids), input_ids))  # (R, S, D)
-    index = (is_image.long().cumsum(dim=1) - 1).clamp(min=0)  # (R, S); ONNX CumSum takes no bool
+    index = (running_count(is_image) - 1).clamp(min=0).long()  # (R, S): the query each image token takes
     gathered = prefix.gather(1, index[..., None].expand(-1, -1, prefix.shape[2]))  # (R, S, D)
     return torch.where(is_image[..., None], gathered.to(embeds.dtype), embeds)
 
@@ -54,7 +63,13 @@ class TextStatesGraph(nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask):
-        return self.model.get_text_features(input_ids, attention_mask)
+        lm = self.model.language_model
+        if self.model.config.is_encoder_decoder:
+            return lm.encode(lm.embed(input_ids), attention_mask)
+        # opt_position_ids' positions (cumsum(mask) * mask - 1), counted as TensorRT can
+        positions = running_count(attention_mask).long() * attention_mask - 1  # (B, S)
+        hidden, _ = lm.hidden(lm.embed(input_ids), attention_mask, positions)
+        return hidden
 
 
 class QFormerGraph(nn.Module):

@@ -137,19 +137,19 @@ def graphs(dims: Blip2Dims, tasks) -> dict[str, GraphSpec]:
     prompt_ids = TensorSpec("input_ids", I64, (ROWS if dims.lm == "opt" else BATCH, PROMPT), dims.lm_id_high)
     loop = (ROLE_LOOP, ROLE_GEMV)
     if dims.lm == "opt":
-        pos = dims.max_position_embeddings or None
         out["opt_prefill"] = GraphSpec(
             "opt_prefill",
             (prompt_ids, TensorSpec("image_prefix", F32, (ROWS, Q, D)),
-             TensorSpec("attention_mask", I64, (ROWS, PROMPT)), TensorSpec("position_ids", I64, (ROWS, PROMPT), pos)),
+             TensorSpec("attention_mask", I64, (ROWS, PROMPT)), TensorSpec("position_ids", I64, (ROWS, PROMPT))),
             (TensorSpec("logits", F32, (ROWS, V)), *_kv("present", ROWS, PROMPT, dims)),
             "OPT over the whole prompt: the row's queries replace its image tokens (Q per row), then the "
             "decoder; returns the last position's logits and the cache. Left padding (mask 0); position_ids "
-            "as transformers derives them (cumsum(mask) * mask - 1).")
+            "as transformers derives them (cumsum(mask) * mask - 1: -1 on pads, which are masked), "
+            "below dims.max_position_embeddings.")
         out["opt_step"] = GraphSpec(
             "opt_step",
             (TensorSpec("input_ids", I64, (ROWS, NEW), V), TensorSpec("attention_mask", I64, (ROWS, TOTAL)),
-             TensorSpec("position_ids", I64, (ROWS, NEW), pos), TensorSpec("beam_idx", I64, (ROWS,)),
+             TensorSpec("position_ids", I64, (ROWS, NEW)), TensorSpec("beam_idx", I64, (ROWS,)),
              *_kv("past", ROWS, PAST, dims)),
             (TensorSpec("logits", F32, (ROWS, V)), *_kv("present", ROWS, TOTAL, dims)),
             "One decoding step: the past rows are gathered by beam_idx (row i continues old row beam_idx[i]), "

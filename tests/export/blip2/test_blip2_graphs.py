@@ -381,3 +381,29 @@ def test_blip2_model_features_through_onnx_runtime_match_transformers(features):
     ref = m.theirs.get_text_features(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
     got = m.run("text_states", input_ids=ids, attention_mask=mask)["text_states"]
     assert_close(got, ref.last_hidden_state, REL, f"get_text_features ({m.dims.lm})")
+
+
+@pytest.mark.parametrize("image_size, tokens", [(224, 257), (364, 677)])
+def test_dims_of_public_configs(image_size, tokens):
+    """blip2-opt-2.7b (and its 364 px -coco fine-tune) and blip2-flan-t5-xl as their config.json say."""
+    from blip_export.families.blip2.config import config_from_dict
+
+    opt = config_from_dict({
+        "model_type": "blip-2", "architectures": ["Blip2ForConditionalGeneration"], "num_query_tokens": 32,
+        "image_token_index": 50265, "vision_config": {"image_size": image_size},
+        "text_config": {"model_type": "opt", "vocab_size": 50304, "hidden_size": 2560, "num_hidden_layers": 32,
+                        "num_attention_heads": 32, "ffn_dim": 10240}})
+    dims = dims_from_config(opt)
+    assert (dims.num_image_tokens, dims.vision_hidden, dims.lm, dims.lm_hidden, dims.lm_layers, dims.lm_head_dim,
+            dims.image_token_id, dims.max_position_embeddings) == (tokens, 1408, "opt", 2560, 32, 80, 50265, 2048)
+    table = graphs(dims, architecture_tasks(opt))
+    assert table["vision"].outputs[0].shape == ("batch", tokens, 1408)
+    assert table["qformer"].outputs[1].shape == ("batch", 32, 2560)
+    t5 = config_from_dict({
+        "model_type": "blip-2", "architectures": ["Blip2ForConditionalGeneration"],
+        "text_config": {"model_type": "t5", "vocab_size": 32128, "d_model": 2048, "d_kv": 64, "num_heads": 32,
+                        "num_layers": 24, "d_ff": 5120, "feed_forward_proj": "gated-gelu"}})
+    dims = dims_from_config(t5)
+    assert (dims.lm, dims.lm_layers, dims.lm_heads, dims.lm_head_dim, dims.image_token_id) == ("t5", 24, 32, 64, 32128)
+    cross = graphs(dims, ["generate"])["t5_cross_kv"].outputs
+    assert [t.shape for t in cross[:2]] == [("batch", 32, 64, "prompt"), ("batch", 32, "prompt", 64)] and len(cross) == 48
