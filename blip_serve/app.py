@@ -158,9 +158,10 @@ class Gateway:
         async def work(body):
             if model not in self.models:
                 raise RequestError("model", f"unknown model {model!r}; expected one of {sorted(self.models)}", 404)
+            if NEEDS.get(task, task) not in self.tasks[model]:
+                raise RequestError("task", f"{model} does {self.tasks[model]}; expected a route of those "
+                                   f"({sorted(t for t, need in NEEDS.items() if need in self.tasks[model])})", 404)
             call = parse_task(task, body, self.config.limits)
-            if NEEDS[task] not in self.tasks[model]:
-                raise RequestError("task", f"{model} does {self.tasks[model]}; {task} needs {NEEDS[task]!r}", 404)
             return {"model": model, "task": task, RESULT_KEYS[task]: await self._call(model, call)}
         return await self._handle(request, task, work, model)
 

@@ -96,6 +96,8 @@ def open_image(data: bytes, field: str, limits: Limits) -> Image.Image:
         image.load()
     except RequestError:
         raise
+    except Image.UnidentifiedImageError:
+        raise RequestError(field, "not a readable image (unknown or corrupt format)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise RequestError(field, f"not a readable image ({e})") from None
     return image  # in its own mode: the runtime converts it as it converts a file
