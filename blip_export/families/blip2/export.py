@@ -31,8 +31,8 @@ def dims_from_config(cfg: Blip2Config) -> Blip2Dims:
     lm = dict(lm="", vocab_size=0)
     if t is not None and cfg.architecture in ("Blip2ForConditionalGeneration", "Blip2Model"):
         if cfg.is_encoder_decoder:
-            lm = dict(lm="t5", lm_hidden=t.d_model, lm_layers=t.num_decoder_layers or t.num_layers, lm_heads=t.num_heads,
-                      lm_head_dim=t.d_kv, vocab_size=t.vocab_size)
+            lm = dict(lm="t5", lm_hidden=t.d_model, lm_layers=t.num_decoder_layers or t.num_layers,
+                      lm_heads=t.num_heads, lm_head_dim=t.d_kv, vocab_size=t.vocab_size)
         else:
             lm = dict(lm="opt", lm_hidden=t.hidden_size, lm_layers=t.num_hidden_layers,
                       lm_heads=t.num_attention_heads, lm_head_dim=t.head_dim, vocab_size=t.vocab_size,

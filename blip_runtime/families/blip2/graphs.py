@@ -74,7 +74,8 @@ class Blip2Dims:
 
 def _kv(prefix: str, rows: str, length: str, dims: Blip2Dims) -> list[TensorSpec]:
     """past_key.i / present_value.i ...: [rows, H, length, Dh] per decoder layer."""
-    return [TensorSpec(n, F32, (rows, dims.lm_heads, length, dims.lm_head_dim)) for n in kv_names(prefix, dims.lm_layers)]
+    shape = (rows, dims.lm_heads, length, dims.lm_head_dim)
+    return [TensorSpec(n, F32, shape) for n in kv_names(prefix, dims.lm_layers)]
 
 
 def _cross(rows: str, dims: Blip2Dims) -> list[TensorSpec]:
@@ -158,7 +159,8 @@ def graphs(dims: Blip2Dims, tasks) -> dict[str, GraphSpec]:
         return out
     out["t5_encoder"] = GraphSpec(
         "t5_encoder",
-        (prompt_ids, TensorSpec("image_prefix", F32, (BATCH, Q, D)), TensorSpec("attention_mask", I64, (BATCH, PROMPT))),
+        (prompt_ids, TensorSpec("image_prefix", F32, (BATCH, Q, D)),
+         TensorSpec("attention_mask", I64, (BATCH, PROMPT))),
         (TensorSpec("encoder_states", F32, (BATCH, PROMPT, D)),),
         "T5's encoder over the prompt, the row's queries in place of its image tokens (Q per row).")
     out["t5_cross_kv"] = GraphSpec(
@@ -167,7 +169,8 @@ def graphs(dims: Blip2Dims, tasks) -> dict[str, GraphSpec]:
         "transposed ([.., Dh, prompt]) so each step's scores are a plain MatMul.")
     out["t5_step"] = GraphSpec(
         "t5_step",
-        (TensorSpec("decoder_input_ids", I64, (ROWS, NEW), V), TensorSpec("encoder_attention_mask", I64, (ROWS, PROMPT)),
+        (TensorSpec("decoder_input_ids", I64, (ROWS, NEW), V),
+         TensorSpec("encoder_attention_mask", I64, (ROWS, PROMPT)),
          TensorSpec("beam_idx", I64, (ROWS,)), *_kv("past", ROWS, PAST, dims), *_cross(ROWS, dims)),
         (TensorSpec("logits", F32, (ROWS, V)), *_kv("present", ROWS, TOTAL, dims)),
         "One decoder step: the self-attention past is gathered by beam_idx, the cross K/V are the rows' "

@@ -90,7 +90,8 @@ def _check_table(m):
                 tt = a.type.tensor_type
                 dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
                 dims = tuple(d.dim_param or d.dim_value for d in tt.shape.dim)
-                assert (str(dtype), dims) == (t.dtype, t.shape), f"{name}.{t.name}: ONNX {dtype} {dims}, table {t.dtype} {t.shape}"
+                assert (str(dtype), dims) == (t.dtype, t.shape), \
+                    f"{name}.{t.name}: ONNX {dtype} {dims}, table {t.dtype} {t.shape}"
         loop = name.endswith("_step")
         assert spec.has(ROLE_LOOP) == loop and spec.has(ROLE_GEMV) == loop, name
     every_axis = {a for s in m.specs.values() for t in (*s.inputs, *s.outputs) for a in t.shape if isinstance(a, str)}
@@ -222,13 +223,19 @@ def test_prefill_and_steps_match_transformers_with_past(generation):
     assert_close(got[0], ref.logits[:, -1], REL, "t5_step logits (3 new, past 2) vs transformers with past")
 
 
+def _image_prefix(m, pixel_values: np.ndarray) -> np.ndarray:
+    """vision then qformer through ONNX Runtime -> image_prefix [B, Q, D]."""
+    image_embeds = m.run("vision", pixel_values=pixel_values)["image_embeds"]
+    return m.run("qformer", image_embeds=image_embeds)["image_prefix"]
+
+
 class OrtOptInference:
     """The decoding loop's Inference over ONNX Runtime sessions: vision and qformer once, opt_prefill
     on the first call, opt_step after; beam moves ride in the next step's beam_idx."""
 
     def __init__(self, m, pixel_values: np.ndarray):
         self.m, self.past = m, None
-        self.prefix = m.run("qformer", image_embeds=m.run("vision", pixel_values=pixel_values)["image_embeds"])["image_prefix"]
+        self.prefix = _image_prefix(m, pixel_values)
         self.legacy = m.cfg.image_token_index is None
 
     def logits(self, tokens, attention_mask):
@@ -261,7 +268,7 @@ class OrtT5Inference:
 
     def __init__(self, m, pixel_values, input_ids, attention_mask):
         self.m = m
-        prefix = m.run("qformer", image_embeds=m.run("vision", pixel_values=pixel_values)["image_embeds"])["image_prefix"]
+        prefix = _image_prefix(m, pixel_values)
         states = m.run("t5_encoder", input_ids=input_ids, image_prefix=prefix, attention_mask=attention_mask)
         self.cross = m.run("t5_cross_kv", **states)
         self.encoder_mask, self.past = attention_mask, None
@@ -406,4 +413,5 @@ def test_dims_of_public_configs(image_size, tokens):
     dims = dims_from_config(t5)
     assert (dims.lm, dims.lm_layers, dims.lm_heads, dims.lm_head_dim, dims.image_token_id) == ("t5", 24, 32, 64, 32128)
     cross = graphs(dims, ["generate"])["t5_cross_kv"].outputs
-    assert [t.shape for t in cross[:2]] == [("batch", 32, 64, "prompt"), ("batch", 32, "prompt", 64)] and len(cross) == 48
+    assert [t.shape for t in cross[:2]] == [("batch", 32, 64, "prompt"), ("batch", 32, "prompt", 64)]
+    assert len(cross) == 48
