@@ -415,3 +415,16 @@ def test_dims_of_public_configs(image_size, tokens):
     cross = graphs(dims, ["generate"])["t5_cross_kv"].outputs
     assert [t.shape for t in cross[:2]] == [("batch", 32, 64, "prompt"), ("batch", 32, "prompt", 64)]
     assert len(cross) == 48
+
+
+def test_bad_feeds_are_refused_by_the_table(generation):
+    """The runtime checks feeds against the table before a session sees them: one line naming the input."""
+    m = generation
+    first = "opt_prefill" if m.dims.lm == "opt" else "t5_encoder"
+    feeds = random_feeds(m.specs[first], m.dims, verify_sizes(m.dims)[1])
+    with pytest.raises(ValueError, match="input 'input_ids' has dtype int32, expected int64"):
+        m.run(first, **{**feeds, "input_ids": feeds["input_ids"].astype(np.int32)})
+    with pytest.raises(ValueError, match="'image_prefix' has (rows|batch)=2, but another input has"):
+        m.run(first, **{**feeds, "image_prefix": feeds["image_prefix"][:2]})
+    with pytest.raises(ValueError, match="missing inputs \\['attention_mask'\\]"):
+        m.run(first, **{k: v for k, v in feeds.items() if k != "attention_mask"})
