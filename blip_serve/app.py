@@ -89,9 +89,13 @@ class Gateway:
 
     async def _body(self, request: Request):
         self._auth(request)
+        limit = self.config.limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:  # refused before reading it
+            raise RequestError("body", f"{declared} bytes; expected at most {limit}", 413)
         raw = await request.body()
-        if len(raw) > self.config.limits.max_body_bytes:
-            raise RequestError("body", f"{len(raw)} bytes; expected at most {self.config.limits.max_body_bytes}", 413)
+        if len(raw) > limit:
+            raise RequestError("body", f"{len(raw)} bytes; expected at most {limit}", 413)
         try:
             return json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:

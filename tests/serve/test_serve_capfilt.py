@@ -171,3 +171,31 @@ def test_capfilt_killed_and_rerun_gives_the_same_output(cluster, tmp_path):
     a, b = read_output(tmp_path / "full"), read_output(out)
     print(f"uninterrupted: {a.num_rows} rows; cut, killed and rerun: {b.num_rows} rows")
     assert a.equals(b)
+
+
+def test_read_listing_folder_jsonl_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    for name in ("b.png", "a.jpg", "sub/c.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / name)
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    web = tmp_path / "web.jsonl"
+    web.write_text(json.dumps({"image": "b.png", "text": "a web text"}) + "\n")
+    rows = read_listing(tmp_path / "imgs", web)
+    assert [(r["image"], r["text"]) for r in rows] == [("a.jpg", None), ("b.png", "a web text"), ("sub/c.png", None)]
+    assert rows[0]["path"] == str(tmp_path / "imgs" / "a.jpg")
+
+    pq.write_table(pa.table({"image": ["imgs/sub/c.png", "imgs/a.jpg"], "text": ["t1", None]}), tmp_path / "l.parquet")
+    rows = read_listing(tmp_path / "l.parquet")
+    assert [(r["image"], r["path"], r["text"]) for r in rows] == [
+        ("imgs/a.jpg", str(tmp_path / "imgs" / "a.jpg"), None), ("imgs/sub/c.png", str(tmp_path / "imgs/sub/c.png"), "t1")]
+    (tmp_path / "bad.jsonl").write_text('{"img": "a.jpg"}\n')
+    with pytest.raises(ValueError, match="row 0: expected an object with a string 'image'"):
+        read_listing(tmp_path / "bad.jsonl")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no images"):
+        read_listing(tmp_path / "empty.jsonl")
+    assert choose_threshold([0.9, 0.8, 0.3], [0.1, 0.2]) == pytest.approx(0.25)
