@@ -5,7 +5,8 @@ torch is imported only by what needs it (`load_model`, the exporter), so that en
 from an existing ONNX bundle (blip_export.trt_build) on a device without torch.
 """
 
-from .config import BlipConfig, TextConfig, VisionConfig, read_config
+from .config import read_config
+from .families.blip.config import BlipConfig, TextConfig, VisionConfig
 from .errors import CheckpointError
 
 __all__ = ["Blip2Config", "BlipConfig", "CheckpointError", "TextConfig", "VisionConfig", "load_model", "read_config"]

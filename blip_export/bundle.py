@@ -1,4 +1,8 @@
-"""Export a BLIP checkpoint folder into an engine bundle (manifest.json, graphs, tokenizer.json).
+"""Export a checkpoint folder into an engine bundle (manifest.json, graphs, tokenizer.json).
+
+Family-neutral: the family of the checkpoint (blip_export.families, by config.json's model_type)
+gives its tasks, dims, graph table, wrappers, trace and verification sizes and the bundle's other
+contents; this module stages the bundle, exports and verifies every graph and writes the manifest.
 
 The bundle is built in a staging folder beside the destination and moved into place only when
 complete, so an interrupted export never leaves half a bundle; a destination that is not a bundle
@@ -15,25 +19,16 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blip_runtime.families.blip.graphs import Dims, axes, graphs as blip_graphs
 from blip_runtime.graphs import GraphSpec, Limits, axes_to_dict, random_feeds
-from blip_runtime.image import CLIP_MEAN, CLIP_STD, ImageSettings
 from blip_runtime.manifest import FORMAT_VERSION
-from blip_runtime.processor_config import image_processor_config
 
-from .config import BlipConfig
-from .errors import CheckpointError
-from .files import ExportError, check_output, copy_file, install, sha256, staging
+from .config import read_config
+from .families import ExportFamily, family
+from .files import ExportError, check_output, install, sha256, staging
 from .loading import load_model
 from .modeling.common import ort_attention as ort_attention_export
-from .onnx_export import compare, export_graph, reference_outputs, verify_sizes
+from .onnx_export import compare, export_graph, reference_outputs
 
-TASKS_OF = {
-    "BlipForConditionalGeneration": ("caption",),
-    "BlipForQuestionAnswering": ("vqa",),
-    "BlipForImageTextRetrieval": ("itm", "itc"),
-    "BlipModel": ("itc",),
-}
 FP32_TOLERANCE = 1e-4  # relative error of each graph against the reference module
 
 
@@ -55,23 +50,8 @@ class ExportReport:
                 "seconds": round(self.seconds, 3)}
 
 
-def model_dims(config: BlipConfig) -> Dims:
-    itc = {"BlipForImageTextRetrieval": config.image_text_hidden_size, "BlipModel": config.projection_dim}
-    return Dims(
-        image_size=config.vision.image_size,
-        num_image_tokens=config.vision.num_positions,
-        vision_hidden=config.vision.hidden_size,
-        text_hidden=config.text.hidden_size,
-        num_layers=config.text.num_hidden_layers,
-        num_heads=config.text.num_attention_heads,
-        head_dim=config.text.head_dim,
-        vocab_size=config.text.vocab_size,
-        itc_dim=itc.get(config.architecture, 0),
-    )
-
-
-def select_tasks(config: BlipConfig, requested: list[str] | None) -> list[str]:
-    available = TASKS_OF[config.architecture]
+def select_tasks(fam: ExportFamily, config, requested: list[str] | None) -> list[str]:
+    available = fam.tasks(config)
     if not requested:
         return list(available)
     wrong = [t for t in requested if t not in available]
@@ -80,70 +60,6 @@ def select_tasks(config: BlipConfig, requested: list[str] | None) -> list[str]:
             f"--tasks {','.join(wrong)}: a {config.architecture} checkpoint supports {','.join(available)}"
         )
     return list(requested)
-
-
-def image_settings(folder: Path, config: BlipConfig) -> tuple[ImageSettings, str]:
-    """The checkpoint's image preprocessing and where it came from: "processor_config.json" (nested,
-    as transformers 5's BlipProcessor.save_pretrained writes it), "preprocessor_config.json", or
-    "defaults" (BLIP's processor defaults at the model's image size) when the folder has neither."""
-    try:
-        data, path = image_processor_config(folder)  # ValueError names the file
-    except ValueError as e:
-        raise CheckpointError(folder, str(e)) from None
-    if data is None:
-        size = config.vision.image_size
-        return ImageSettings(size=(size, size), mean=CLIP_MEAN, std=CLIP_STD), "defaults"
-    try:
-        settings = ImageSettings.from_preprocessor_config(data)
-    except ValueError as e:
-        raise CheckpointError(path, str(e)) from None
-    if settings.size != (config.vision.image_size, config.vision.image_size):
-        raise CheckpointError(path, f"size {settings.size} differs from config.json image_size {config.vision.image_size}")
-    return settings, path.name
-
-
-def copy_tokenizer(folder: Path, dest: Path) -> None:
-    """tokenizer.json, or one built from vocab.txt as BlipProcessor's BertTokenizerFast builds it."""
-    if (folder / "tokenizer.json").is_file():
-        copy_file(folder / "tokenizer.json", dest)
-        return
-    vocab = folder / "vocab.txt"
-    if not vocab.is_file():
-        raise CheckpointError(folder, "no tokenizer: expected tokenizer.json or vocab.txt")
-    from tokenizers import AddedToken, BertWordPieceTokenizer
-
-    tok = BertWordPieceTokenizer(str(vocab), lowercase=True)
-    tok.add_special_tokens([AddedToken("[DEC]", special=True), AddedToken("[ENC]", special=True)])
-    tok.save(str(dest))
-
-
-def tokenizer_settings(folder: Path, max_positions: int) -> dict:
-    """What tokenizer.json does not hold: the length limit and whether decode() cleans up spaces
-    (transformers 5 defaults to False; 4.x BERT tokenizers to True)."""
-    settings = {"model_max_length": max_positions, "clean_up_tokenization_spaces": False}
-    path = folder / "tokenizer_config.json"
-    if path.is_file():
-        data = json.loads(path.read_text(encoding="utf-8"))
-        limit = data.get("model_max_length")
-        if isinstance(limit, int) and 0 < limit < max_positions:
-            settings["model_max_length"] = limit
-        if isinstance(data.get("clean_up_tokenization_spaces"), bool):
-            settings["clean_up_tokenization_spaces"] = data["clean_up_tokenization_spaces"]
-    return settings
-
-
-def generation_defaults(folder: Path, config: BlipConfig) -> dict:
-    """Defaults of generate(), from generation_config.json where present (transformers' defaults
-    otherwise: max_length 20 counting the prompt, greedy)."""
-    out = {"max_length": 20, "num_beams": 1, "min_length": 0}
-    path = folder / "generation_config.json"
-    if path.is_file():
-        data = json.loads(path.read_text(encoding="utf-8"))
-        for key in ("max_length", "max_new_tokens", "min_length", "min_new_tokens", "num_beams", "length_penalty",
-                    "repetition_penalty", "do_sample", "temperature", "top_k", "top_p", "early_stopping"):
-            if data.get(key) is not None:
-                out[key] = data[key]
-    return out
 
 
 def folder_checksum(folder: Path) -> str:
@@ -171,17 +87,17 @@ def check_onnx(path: Path) -> None:
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def verify(model, spec: GraphSpec, dims: Dims, path: Path, with_feat: bool) -> dict:
-    """ONNX Runtime against the reference module at several dynamic sizes: the worst errors."""
+def verify(wrapper, spec: GraphSpec, sizes: list[dict[str, int]], path: Path) -> dict:
+    """ONNX Runtime against the reference wrapper at several dynamic sizes: the worst errors."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in spec.outputs]
     worst = {"max_abs": 0.0, "rel": 0.0}
-    for i, sizes in enumerate(verify_sizes(spec, dims)):
-        feeds = random_feeds(spec, sizes, seed=i)
+    for i, at in enumerate(sizes):
+        feeds = random_feeds(spec, at, seed=i)
         ours = dict(zip(names, session.run(names, feeds)))
-        max_abs, rel = compare(ours, reference_outputs(model, spec, feeds, with_feat))
+        max_abs, rel = compare(ours, reference_outputs(wrapper, spec, feeds))
         worst = {"max_abs": max(worst["max_abs"], max_abs), "rel": max(worst["rel"], rel)}
     return worst
 
@@ -202,10 +118,9 @@ def export_bundle(
     ort_attention: bool = False,
 ) -> ExportReport:
     """Export `checkpoint` to an ONNX bundle at `output`. `progress(msg)` is called per stage.
-    ort_attention: attention as ONNX Runtime's MultiHeadAttention operator (the vision graph's, and
-    the decoder step's self- and cross-attention: modeling.common.ort_attention), with the
-    cross-attention keys in that operator's layout (blip_graphs(keys_transposed=False)): faster on
-    ONNX Runtime, not buildable by TensorRT; the manifest's "attention_op" says so."""
+    ort_attention: attention as ONNX Runtime's MultiHeadAttention operator (modeling.common.ort_attention;
+    the family's graph table then has that operator's layouts): faster on ONNX Runtime, not
+    buildable by TensorRT; the manifest's "attention_op" says so."""
     import onnx
     import onnxruntime
     import torch
@@ -216,33 +131,30 @@ def export_bundle(
     if precision != "fp32":
         raise ExportError(f"--precision {precision}: only fp32 is available in this version")
     dest = check_output(output if output else default_output(folder, precision), overwrite)  # before any work
+    if folder.is_dir():  # a family that cannot export stops before its weights load
+        first = read_config(folder)
+        family(first.family).check_exportable(first)
     model, config = load_model(folder)
-    chosen = select_tasks(config, tasks)
-    dims = model_dims(config)
-    settings, image_source = image_settings(folder, config)
-    notes = []
-    if image_source == "defaults":
-        notes.append(f"{folder}: no processor_config.json or preprocessor_config.json; using BLIP's image "
-                     f"defaults ({settings.size[0]} px bicubic, CLIP mean/std); the manifest records it")
-        say(notes[-1])
-    graphs = blip_graphs(dims, set(chosen), keys_transposed=not ort_attention)
+    fam = family(config.family)
+    chosen = select_tasks(fam, config, tasks)
+    dims = fam.dims(config)
+    graphs = fam.graphs(dims, set(chosen), ort_attention)
     with staging(dest) as tmp:
-        copy_tokenizer(folder, tmp / "tokenizer.json")
-        with_feat = "itc" in chosen
-        text = config.text
-        meta = {"family": "blip", "architecture": config.architecture, **dims.to_dict(),
-                "bos_token_id": text.bos_token_id, "sep_token_id": text.sep_token_id, "pad_token_id": text.pad_token_id}
-        report = ExportReport(bundle=dest, tasks=chosen, notes=notes)
+        parts = fam.bundle_parts(folder, config, tmp / "tokenizer.json")
+        for note in parts.notes:
+            say(note)
+        report = ExportReport(bundle=dest, tasks=chosen, notes=parts.notes)
         entries = {}
         for name, spec in graphs.items():
             path = tmp / f"{name}.onnx"
+            wrapper = fam.wrapper(model, spec, chosen)
             say(f"exporting {name}")
             with ort_attention_export() if ort_attention else nullcontext():
-                export_graph(model, spec, dims, path, with_feat=with_feat)
-            add_metadata(path, {**meta, "graph": name})
+                export_graph(wrapper, spec, fam.trace_sizes(spec, dims), path)
+            add_metadata(path, {**parts.meta, "graph": name})
             check_onnx(path)
             say(f"verifying {name}")
-            err = verify(model, spec, dims, path, with_feat)
+            err = verify(wrapper, spec, fam.verify_sizes(spec, dims), path)
             report.errors[name] = err
             if not err["rel"] < FP32_TOLERANCE:
                 raise ExportError(
@@ -252,22 +164,20 @@ def export_bundle(
             entries[name] = {"file": path.name, "sha256": sha256(path), "io": spec.to_dict(), "verification": err}
         manifest = {
             "format_version": FORMAT_VERSION,
-            "family": "blip",
-            "architecture": config.architecture,
+            "family": fam.name,
+            "architecture": parts.architecture,
             "tasks": chosen,
             "precision": precision,
             "target": "onnx",
             "dims": dims.to_dict(),
             "limits": limits.__dict__,
-            "axes": axes_to_dict(axes(dims, limits)),
+            "axes": axes_to_dict(fam.axes(dims, limits)),
             "graphs": entries,
             **({"attention_op": "com.microsoft.MultiHeadAttention"} if ort_attention else {}),
-            "tokenizer": {"file": "tokenizer.json", "sha256": sha256(tmp / "tokenizer.json"),
-                          **tokenizer_settings(folder, text.max_position_embeddings)},
-            "image": {**settings.to_dict(), "source": image_source},
-            "generation": generation_defaults(folder, config),
-            "special_tokens": {"bos_token_id": text.bos_token_id, "sep_token_id": text.sep_token_id,
-                               "pad_token_id": text.pad_token_id},
+            "tokenizer": {"file": "tokenizer.json", "sha256": sha256(tmp / "tokenizer.json"), **parts.tokenizer},
+            "image": parts.image,
+            "generation": parts.generation,
+            "special_tokens": parts.special_tokens,
             "build": {
                 "blip_trt": _version(),
                 "torch": torch.__version__,

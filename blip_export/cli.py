@@ -15,9 +15,10 @@ from pathlib import Path
 from blip_runtime.graphs import Limits
 
 from .defaults import default_models, resolve_model
+from .families import known_tasks
 from .pipeline import PRECISIONS
 
-TASKS = ("caption", "vqa", "itm", "itc")
+TASKS = known_tasks()  # of every family (blip_export.families)
 
 
 class UsageError(Exception):

@@ -1,6 +1,7 @@
 """`load_model(path)`: the one public way to turn a checkpoint folder into a reference module.
 
-The family comes from config.json's model_type: "blip" (BLIP) or "blip-2" (BLIP-2)."""
+The family comes from config.json's model_type (blip_export.families: "blip", "blip-2", ...); the
+family builds the module and streams its weights in."""
 
 from __future__ import annotations
 
@@ -9,19 +10,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import BlipConfig, read_config
+from .config import read_config
 from .errors import CheckpointError
-from .weights import checkpoint_keys, empty_module, load_into
+from .families import FAMILIES, family
+from .weights import checkpoint_keys
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-# Key prefixes that only one family's checkpoints have.
-_PREFIXES = {
-    "blip": ("text_decoder.", "text_encoder.", "text_model.", "vision_proj.", "text_proj.", "visual_projection."),
-    "blip-2": ("qformer.", "query_tokens", "language_model.", "language_projection.", "vision_projection."),
-}
-_NAMES = {"blip": "BLIP (BLIP-1)", "blip-2": "BLIP-2"}
-
 
 def _dtype(dtype, config) -> torch.dtype:
     """None -> fp32; "auto" -> config.json's dtype (or torch_dtype), fp32 if absent; a torch dtype
@@ -38,24 +32,29 @@ def _dtype(dtype, config) -> torch.dtype:
     return dtype
 
 
-def _family_mismatch(model: nn.Module, folder: Path, family: str) -> CheckpointError | None:
-    """When config.json names one family and the weights are the other's: one error that says so,
-    with the first unexpected and missing keys."""
+def _family_mismatch(model: nn.Module, folder: Path, name: str) -> CheckpointError | None:
+    """When config.json names one family and the weights are another's (by the weight names only
+    that family has, ExportFamily.key_prefixes): one error that says so, with the first unexpected
+    and missing keys."""
     keys = checkpoint_keys(folder)
-    other = next(f for f in _PREFIXES if f != family)
-    if not any(k.startswith(_PREFIXES[other]) for k in keys) or any(k.startswith(_PREFIXES[family]) for k in keys):
+    own = family(name).key_prefixes
+    if any(k.startswith(own) for k in keys):
+        return None
+    others = [family(f) for f in FAMILIES if f != name]
+    other = next((f for f in others if f.key_prefixes and any(k.startswith(f.key_prefixes) for k in keys)), None)
+    if other is None:
         return None
     names, present = set(model.state_dict()), set(keys)
     unexpected = [k for k in keys if k not in names][:3]
     missing = [n for n in model.state_dict() if n not in present][:3]
     return CheckpointError(
         folder / "config.json",
-        f"model_type {family!r} ({type(model).__name__}) but the weights are a {_NAMES[other]} checkpoint's: "
+        f"model_type {name!r} ({type(model).__name__}) but the weights are a {other.display_name} checkpoint's: "
         f"unexpected keys {', '.join(unexpected)}; missing {', '.join(missing)}",
     )
 
 
-def load_model(path: str | Path, dtype: torch.dtype | str | None = None) -> tuple[nn.Module, BlipConfig]:
+def load_model(path: str | Path, dtype: torch.dtype | str | None = None) -> tuple[nn.Module, object]:
     """Load the reference model for the architecture named in `path/config.json`.
 
     Returns (model in eval mode on the CPU, its BlipConfig or Blip2Config). Parameters are fp32 by
@@ -69,19 +68,10 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None) -> tupl
         raise CheckpointError(folder, "not a folder: expected a Hugging Face checkpoint folder with config.json")
     config = read_config(folder)
     want = _dtype(dtype, config)
-    if config.family == "blip-2":
-        from .families.blip2 import loading as blip2
-
-        model = blip2.build(config, want)
-        load = lambda: blip2.load_weights(model, folder)  # noqa: E731
-    else:
-        from .modeling.blip import MODEL_CLASSES
-
-        model = empty_module(lambda: MODEL_CLASSES[config.architecture](config), want)
-        tie = bool(config.raw.get("tie_word_embeddings", config.text.tie_word_embeddings))
-        load = lambda: load_into(model, folder, tie_word_embeddings=tie)  # noqa: E731
+    fam = family(config.family)
+    model = fam.build(config, want)
     try:
-        load()
+        fam.load_weights(model, folder, config)
     except CheckpointError as error:
         try:
             mismatch = _family_mismatch(model, folder, config.family)

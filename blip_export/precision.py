@@ -26,6 +26,7 @@ import numpy as np
 
 from blip_runtime import BlipRuntime
 from blip_runtime.graphs import ROLE_GEMV
+from blip_runtime.image import ImageSettings
 from blip_runtime.manifest import load_manifest
 
 from .files import ExportError, check_output, copy_file, install, sha256, staging
@@ -169,6 +170,11 @@ def _fold_round_trips(graph) -> int:
 PRECISIONS = ("fp16", "int8-qdq", "int8-cpu")  # the forms convert_bundle writes (the manifest's "precision")
 
 
+def _image_size(manifest) -> int:
+    """The bundle's input image size (its image preprocessing's: the model's, checked at export)."""
+    return ImageSettings.from_preprocessor_config(manifest.data["image"]).size[0]
+
+
 def synthetic_images(n: int, size: int = 64, seed: int = 0) -> list[np.ndarray]:
     """Stand-in held-out images when none are given (fp16 needs no calibration): smooth gradients
     with noise and a bright square, uint8 HxWx3, so the preprocessing and every graph see varied input."""
@@ -232,7 +238,7 @@ def convert_bundle(
     if manifest.data.get("precision", "fp32") != "fp32":
         raise ExportError(f"{src}: a {manifest.data['precision']} bundle; convert from the fp32 bundle")
     if precision != "int8-qdq" and holdout_images is None:  # nothing to calibrate: every image measures
-        holdout_images, holdout_texts = calib_images or synthetic_images(4, manifest.dims.image_size), calib_texts
+        holdout_images, holdout_texts = calib_images or synthetic_images(4, _image_size(manifest)), calib_texts
         calib_images, calib_texts = [], None
     calib_images, calib_texts, holdout_images, holdout_texts = _split(
         calib_images, calib_texts, holdout_images, holdout_texts)

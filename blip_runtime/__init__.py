@@ -3,7 +3,7 @@
 Never imports torch: it runs on devices where torch is not installed.
 """
 
-from .decoding import GenerationOptions
+from .options import GenerationOptions
 from .manifest import BundleError
 from .runtime import BlipRuntime
 

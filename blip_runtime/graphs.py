@@ -20,7 +20,7 @@ import numpy as np
 BATCH, TEXT, PAST, ENC = "batch", "text", "past", "enc"
 
 # Graph roles.
-ROLE_LOOP = "loop"  # runs back to back in the decoding loop: its ORT pool spin-waits, TensorRT keeps its outputs on the device
+ROLE_LOOP = "loop"  # runs back to back in the decoding loop: its ONNX Runtime thread pool spin-waits between runs
 ROLE_GEMV = "gemv"  # one row at a time: weights are streamed, int8-cpu quantizes it with MatMulNBits
 
 

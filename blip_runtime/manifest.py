@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .decoding import _OPTION_CHECKS
-from .families.blip.graphs import Dims
+from .families import UnknownFamily, family
 from .graphs import GraphSpec
+from .options import _OPTION_CHECKS
 
 FORMAT_VERSION = 1
-FAMILIES = ("blip",)  # the values of "family" this runtime runs
 DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")  # tensor dtypes in I/O tables
 
 
@@ -39,10 +39,10 @@ _TYPES = {
 }
 _GENERATION = {name: {"int": "integer", "float": "number", "bool": "boolean"}[kind]
                for name, (kind, _, _) in _OPTION_CHECKS.items()}
-_OPTIONAL_DIMS = {"max_position_embeddings"}  # older bundles lack it
 
 # (key path, allowed JSON types, required). Parents come before their children; "*" is every key of
-# an object, "[]" every item of a list.
+# an object, "[]" every item of a list. The family adds its own rows (its MANIFEST_SCHEMA: its dims,
+# its special tokens), checked after these.
 SCHEMA: tuple[tuple[str, str, bool], ...] = (
     ("format_version", "integer", True),
     ("family", "string", True),
@@ -52,9 +52,11 @@ SCHEMA: tuple[tuple[str, str, bool], ...] = (
     ("precision", "string", False),
     ("target", "string", False),
     ("dims", "object", True),
-    *((f"dims.{f.name}", "integer", f.name not in _OPTIONAL_DIMS) for f in fields(Dims)),
     ("limits", "object", False),
     ("limits.*", "integer", True),
+    ("axes", "object", False),  # children not required: an absent parent reads as absent children
+    ("axes.*", "list", False),
+    ("axes.*.[]", "integer", False),
     ("graphs", "object", True),
     ("graphs.*", "object", True),
     ("graphs.*.file", "string", True),
@@ -63,6 +65,8 @@ SCHEMA: tuple[tuple[str, str, bool], ...] = (
     ("graphs.*.io", "object", True),
     ("graphs.*.io.name", "string", True),
     ("graphs.*.io.doc", "string", False),
+    ("graphs.*.io.roles", "list", False),
+    ("graphs.*.io.roles.[]", "string", False),
     *(item for side in ("inputs", "outputs") for item in (
         (f"graphs.*.io.{side}", "list", True),
         (f"graphs.*.io.{side}.[]", "object", True),
@@ -70,6 +74,7 @@ SCHEMA: tuple[tuple[str, str, bool], ...] = (
         (f"graphs.*.io.{side}.[].dtype", "string", True),
         (f"graphs.*.io.{side}.[].shape", "list", True),
         (f"graphs.*.io.{side}.[].shape.[]", "integer|string", True),
+        (f"graphs.*.io.{side}.[].high", "integer|null", False),
     )),
     ("tokenizer", "object", True),
     ("tokenizer.file", "string", True),
@@ -85,7 +90,8 @@ SCHEMA: tuple[tuple[str, str, bool], ...] = (
     ("image.resample", "integer|null", False),
     *((f"image.{k}", "boolean|null", False) for k in ("do_convert_rgb", "do_resize", "do_rescale", "do_normalize")),
     ("special_tokens", "object", True),
-    *((f"special_tokens.{k}", "integer", True) for k in ("bos_token_id", "sep_token_id", "pad_token_id")),
+    ("special_tokens.*", "integer", True),
+    ("special_tokens.pad_token_id", "integer", True),  # what the tokenizer pads with
     ("generation", "object", True),
     *((f"generation.{k}", t, False) for k, t in _GENERATION.items() if k != "seed"),
     ("generation.seed", "integer|null", False),
@@ -116,11 +122,11 @@ def _found(node, parts: list[str], where: str):
         yield from _found(node[part], rest, at) if part in node else [(at, _MISSING)]
 
 
-def check_schema(data, path: Path) -> None:
-    """Raise BundleError for the first key of SCHEMA whose value is missing or of the wrong type."""
+def check_schema(data, path: Path, schema=SCHEMA) -> None:
+    """Raise BundleError for the first key of `schema` whose value is missing or of the wrong type."""
     if not isinstance(data, dict):
         raise BundleError(f"{path}: expected a JSON object, got a JSON {_json_type(data)}")
-    for key, types, required in SCHEMA:
+    for key, types, required in schema:
         allowed = types.split("|")
         for where, value in _found(data, key.split("."), ""):
             if value is _MISSING:
@@ -141,7 +147,7 @@ class Manifest:
     folder: Path
     data: dict
     graphs: dict[str, GraphSpec]
-    dims: Dims
+    dims: Any  # the family's dims object, parsed from data["dims"] by the family (dims_from_dict)
 
     @property
     def tasks(self) -> list[str]:
@@ -152,13 +158,9 @@ class Manifest:
         return self.data["special_tokens"]
 
     @property
-    def max_positions(self) -> int | None:
-        """Size of the text position table: dims' max_position_embeddings, else (bundles that do not
-        record it) the tokenizer's model_max_length, which the exporter caps at it; None if neither."""
-        if self.dims.max_position_embeddings > 0:
-            return self.dims.max_position_embeddings
-        limit = self.data["tokenizer"].get("model_max_length")
-        return limit if isinstance(limit, int) and limit > 0 else None
+    def family(self):
+        """The module of this bundle's family (blip_runtime.families)."""
+        return family(self.data["family"])
 
     def graph_path(self, name: str) -> Path:
         return self.folder / self.data["graphs"][name]["file"]
@@ -205,8 +207,11 @@ def load_manifest(folder: str | Path) -> Manifest:
             f"{path}: format_version {version!r}, this runtime reads {FORMAT_VERSION}; re-export with this version's blip-export"
         )
     check_schema(data, path)
-    if data["family"] not in FAMILIES:
-        raise BundleError(f"{path}: family {data['family']!r}; this runtime runs {', '.join(map(repr, FAMILIES))} bundles")
+    try:
+        module = family(data["family"])
+    except UnknownFamily as e:
+        raise BundleError(f"{path}: {e}") from None
+    check_schema(data, path, module.MANIFEST_SCHEMA)
     graphs = {}
     for name, entry in data["graphs"].items():
         file = folder / entry["file"]
@@ -219,5 +224,4 @@ def load_manifest(folder: str | Path) -> Manifest:
                                   f"{', '.join(DTYPES)}")
     if not (folder / data["tokenizer"]["file"]).is_file():
         raise BundleError(f"{folder / data['tokenizer']['file']}: tokenizer listed in the manifest but missing")
-    known = {f.name for f in fields(Dims)}  # a newer exporter may record more
-    return Manifest(folder=folder, data=data, graphs=graphs, dims=Dims(**{k: v for k, v in data["dims"].items() if k in known}))
+    return Manifest(folder=folder, data=data, graphs=graphs, dims=module.dims_from_dict(data["dims"]))

@@ -1,79 +1,27 @@
-"""BlipRuntime: captioning, VQA, image-text matching and retrieval features over an engine bundle.
+"""BlipRuntime: the public runtime over an engine bundle, for every family.
+
+`BlipRuntime.load(bundle)` opens any bundle and returns an instance of its family's runtime class
+(blip_runtime.families: manifest "family" -> module -> runtime_class()), which adds the family's
+task API (BLIP: caption, answer, match, features). This base holds what every family shares:
+loading and sessions, image preprocessing, the tokenizer, generation options and their checks,
+and small input helpers.
 
 Batching rule: every request in a batch gets exactly what transformers gives for that request
-alone. transformers' own batched generate lets padding leak into results (a shorter caption prompt
-keeps its [SEP] and restarts position ids after the pads; VQA answers attend to the question's pad
-states); we mask padding and count positions per row instead, so results never depend on what
-else is in the batch.
+alone (padding never leaks into results); each family's task methods keep it.
 """
 
 from __future__ import annotations
 
 from dataclasses import fields
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from .decoding import GenerationOptions, _is_int, generate
 from .image import ImageSettings, preprocess
 from .manifest import BundleError, Manifest, load_manifest
+from .options import GenerationOptions
 from .session import OrtSession, Session
 from .text import TextTokenizer, check_text
-
-
-class DecoderInference:
-    """The decoding loop's view of the `decoder_step` graph: keeps the KV cache, the cross K/V and
-    the encoder mask per row, and turns beam reordering into the graph's `beam_idx` input."""
-
-    def __init__(self, session: Session, manifest: Manifest, cross: dict[str, np.ndarray], encoder_mask: np.ndarray):
-        self.session = session
-        self.dims = manifest.dims
-        self.cross = cross  # cross_key.i [R, H, Dh, N] (transposed; [R, H, N, Dh] in ONNX Runtime forms), cross_value.i [R, H, N, Dh]
-        self.encoder_mask = encoder_mask  # [R, N]
-        self.request = np.arange(encoder_mask.shape[0])  # which request each row serves
-        self.past: dict[str, np.ndarray] | None = None
-        self.beam_idx: np.ndarray | None = None
-
-    def logits(self, tokens: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        rows, new = tokens.shape
-        d = self.dims
-        if self.past is None:
-            empty = np.zeros((rows, d.num_heads, 0, d.head_dim), np.float32)
-            self.past = {f"past_{k}.{i}": empty for i in range(d.num_layers) for k in ("key", "value")}
-        # Position of each token = number of real tokens before it in its row, so padding in a
-        # batch changes nothing.
-        positions = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)[:, -new:]
-        feeds = {
-            "input_ids": tokens.astype(np.int64),
-            "attention_mask": attention_mask.astype(np.int64),
-            "position_ids": positions.astype(np.int64),
-            "encoder_attention_mask": self.encoder_mask,
-            "beam_idx": self.beam_idx if self.beam_idx is not None else np.arange(rows, dtype=np.int64),
-            **self.past,
-            **self.cross,
-        }
-        out = self.session.run("decoder_step", feeds, keep=("present_*",))
-        self.beam_idx = None
-        self.past = {name.replace("present_", "past_"): v for name, v in out.items() if name.startswith("present_")}
-        return out["logits"]
-
-    def rearrange(self, source_indices: np.ndarray) -> None:
-        source = np.asarray(source_indices, dtype=np.int64)
-        moved = self.request[source]
-        if len(source) != len(self.request) or not np.array_equal(moved, self.request):
-            # Rows change request (the expansion to beams before the first step): gather the
-            # per-request state. Reordering beams within a request leaves it as it is.
-            self.cross = {k: v[source] for k, v in self.cross.items()}
-            self.encoder_mask = self.encoder_mask[source]
-            self.request = moved
-        if self.past is not None:
-            if self.beam_idx is not None:
-                source = self.beam_idx[source]
-            if len(source) == next(iter(self.past.values())).shape[0]:
-                self.beam_idx = source  # gathered inside the graph on the next step
-            else:
-                self.past = {k: v[source] for k, v in self.past.items()}
 
 
 def _as_list(images) -> list:
@@ -110,7 +58,18 @@ def _grouped(items: list, n: int) -> list:
 
 
 class BlipRuntime:
-    """Run a BLIP bundle. `BlipRuntime.load(bundle_dir, providers=None)`."""
+    """Run an engine bundle: `BlipRuntime.load(bundle_dir, providers=None)`. `BlipRuntime(manifest,
+    session)` also returns the family's runtime class (see __new__)."""
+
+    def __new__(cls, manifest: Manifest, session: Session):
+        # The family's class: BlipRuntime(manifest, session) and BlipRuntime.load both give the
+        # task API of the bundle's family, so callers never name a family.
+        if cls is BlipRuntime:
+            cls = manifest.family.runtime_class()
+        elif not issubclass(manifest.family.runtime_class(), cls):
+            raise BundleError(f"{manifest.folder}: a {manifest.data['family']!r} bundle; {cls.__name__} runs "
+                              f"{manifest.family.runtime_class().__name__} bundles")
+        return super().__new__(cls)
 
     def __init__(self, manifest: Manifest, session: Session):
         self.manifest = manifest
@@ -121,12 +80,13 @@ class BlipRuntime:
         except ValueError as e:
             raise BundleError(f"{manifest.folder / 'manifest.json'}: 'image': {e}") from None
         tok = data["tokenizer"]
+        self.special = manifest.special_tokens
         self.tokenizer = TextTokenizer.from_file(
             manifest.folder / tok["file"],
             model_max_length=tok.get("model_max_length"),
             clean_up_tokenization_spaces=tok.get("clean_up_tokenization_spaces", False),
+            pad_token_id=self.special["pad_token_id"],
         )
-        self.special = manifest.special_tokens
 
     @classmethod
     def load(cls, bundle_dir: str | Path, providers: list | None = None, threads: int | None = None,
@@ -159,18 +119,20 @@ class BlipRuntime:
         """Images (paths, PIL images, HxWx3 uint8 arrays) -> pixel_values float32 [B, 3, H, W]."""
         return preprocess(_as_list(images), self.image_settings)
 
-    def vision(self, images) -> dict[str, np.ndarray]:
-        return self.session.run("vision", {"pixel_values": self.pixels(images)})
+    # -- generation options (families: eos_token_default, vocab_size) --------------------------
+    def eos_token_default(self) -> int:
+        """The token that ends generation unless the caller gives eos_token_id (the family's)."""
+        return self.special["eos_token_id"]
 
     @property
-    def max_positions(self) -> int | None:
-        """Positions the text decoder's table has (max_position_embeddings), None if unknown."""
-        return self.manifest.max_positions
+    def vocab_size(self) -> int:
+        """Size of the logits the decoder returns: generated ids lie below it."""
+        raise NotImplementedError
 
     def options(self, prompt_len: int, overrides: dict) -> GenerationOptions:
         """Generation options: the bundle's defaults (from the checkpoint's generation config, with
         transformers' max_length/min_length counting the prompt), then the caller's overrides.
-        eos_token_id / pad_token_id default to the bundle's [SEP] / [PAD] (BLIP stops at [SEP])."""
+        eos_token_id / pad_token_id default to eos_token_default() and the bundle's pad token."""
         known = {f.name for f in fields(GenerationOptions)}
         wrong = set(overrides) - known
         if wrong:
@@ -182,136 +144,28 @@ class BlipRuntime:
         if "min_new_tokens" not in defaults:
             values["min_new_tokens"] = max(0, defaults.get("min_length", 0) - prompt_len)
         values.update(overrides)
-        values.setdefault("eos_token_id", self.special["sep_token_id"])
+        values.setdefault("eos_token_id", self.eos_token_default())
         values.setdefault("pad_token_id", self.special["pad_token_id"])
         options = GenerationOptions(**values)
-        vocab = self.manifest.dims.vocab_size
+        vocab = self.vocab_size
         for name, ids in (("eos_token_id", options.eos_ids), ("pad_token_id", [options.pad_token_id])):
             if max(ids) >= vocab:
                 raise ValueError(f"{name}={getattr(options, name)!r}: expected token ids below the vocabulary "
                                  f"size {vocab}")
         return options
 
-    def _check_positions(self, longest: int, options: GenerationOptions) -> None:
-        """Refuse a request whose tokens would run past the decoder's position table (ONNX Runtime
-        would fail inside a Gather). The last generated token is never fed back, so a prompt of P
-        tokens (with [DEC]) and N new tokens use positions 0 .. P + N - 2."""
-        limit = self.max_positions
-        if limit is None or longest + options.max_new_tokens - 1 <= limit:
-            return
-        fits = limit + 1 - longest
-        what = f"a prompt of {longest} tokens ([DEC] included)" if longest > 1 else "[DEC]"
-        raise ValueError(
-            f"{what} plus max_new_tokens={options.max_new_tokens} needs "
-            f"{longest + options.max_new_tokens - 1} positions; the model has {limit} "
-            f"(max_position_embeddings): give max_new_tokens <= {fits}"
-            + (" or a shorter prompt" if longest > 1 else "")
-        )
-
-    def _decode(self, encoder_states, encoder_mask, prompt_ids, prompt_mask, options) -> list[list[int]]:
-        cross = self.session.run("cross_kv", {"encoder_states": encoder_states}, keep=("cross_*",))
-        inference = DecoderInference(self.session, self.manifest, cross, encoder_mask.astype(np.int64))
-        return generate(inference, prompt_ids, prompt_mask, options)
-
     def _decode_text(self, groups, n: int):
         if n == 1:
             return self.tokenizer.batch_decode(groups)
         return [self.tokenizer.batch_decode(g) for g in groups]
 
-    # -- tasks ------------------------------------------------------------------------------
-    def caption(self, images, prompt: str | Sequence[str] | None = None, **generation) -> list[str] | list[list[str]]:
-        """Captions, one per image; with a prompt, the caption continues it (and includes it, as
-        transformers' decode of the generated sequence does). With num_return_sequences=n > 1: one
-        list of n captions per image, best first."""
-        tokens = self.caption_tokens(images, prompt, **generation)
-        return self._decode_text(tokens, self._sequences(generation))
-
-    def caption_tokens(self, images, prompt: str | Sequence[str] | None = None, **generation) -> list:
-        """Token ids per image: [DEC], the prompt's tokens, the generated tokens (with [SEP] if reached);
-        with num_return_sequences=n > 1, one list of n such sequences per image."""
-        self._need("caption")
-        images = _as_list(images)
-        bos = self.special["bos_token_id"]
-        if prompt is None:
-            rows = [[bos] for _ in images]
-        else:
-            # As transformers: the prompt's [CLS] becomes [DEC] and its [SEP] is dropped (per row).
-            ids, mask = self.tokenizer.encode(_texts(prompt, "prompt", len(images)))
-            rows = [[bos] + ids[i, 1 : int(mask[i].sum()) - 1].tolist() for i in range(len(images))]
-        prompt_ids, prompt_mask = self._pad(rows)
-        options = self.options(prompt_ids.shape[1], generation)
-        self._check_positions(prompt_ids.shape[1], options)
-        embeds = self.vision(images)["image_embeds"]
-        enc_mask = np.ones(embeds.shape[:2], np.int64)
-        generated = self._decode(embeds, enc_mask, prompt_ids, prompt_mask, options)
-        n = options.num_return_sequences
-        return _grouped([rows[i // n] + g for i, g in enumerate(generated)], n)
-
-    def answer(self, images, questions: str | Sequence[str], **generation) -> list[str] | list[list[str]]:
-        """Answers, one per image/question pair; with num_return_sequences=n > 1, one list of n
-        answers per pair, best first."""
-        tokens = self.answer_tokens(images, questions, **generation)
-        return self._decode_text(tokens, self._sequences(generation))
-
-    def answer_tokens(self, images, questions: str | Sequence[str], **generation) -> list:
-        """Token ids per pair: [DEC] and the generated answer (with [SEP] if reached); with
-        num_return_sequences=n > 1, one list of n such sequences per pair."""
-        self._need("vqa")
-        images = _as_list(images)
-        questions = _texts(questions, "questions", len(images))
-        bos = np.full((len(images), 1), self.special["bos_token_id"], np.int64)
-        options = self.options(1, generation)
-        self._check_positions(1, options)
-        embeds = self.vision(images)["image_embeds"]
-        ids, mask = self.tokenizer.encode(questions)
-        states = self.session.run("text_encoder", {"input_ids": ids, "attention_mask": mask, "image_embeds": embeds})
-        generated = self._decode(states["question_states"], mask, bos, np.ones_like(bos), options)
-        return _grouped([[int(bos[0, 0])] + g for g in generated], options.num_return_sequences)
-
     def _sequences(self, generation: dict) -> int:
         """num_return_sequences as the options will have it (the bundle may set a default)."""
         return self.options(1, generation).num_return_sequences
 
-    def match(self, images, texts: str | Sequence[str]) -> np.ndarray:
-        """ITM: probability float32 [B] that image i matches text i."""
-        self._need("itm")
-        images = _as_list(images)
-        embeds = self.vision(images)["image_embeds"]
-        ids, mask = self.tokenizer.encode(_texts(texts, "texts", len(images)))
-        logits = self.session.run("text_encoder", {"input_ids": ids, "attention_mask": mask, "image_embeds": embeds})
-        z = logits["itm_logits"].astype(np.float64)
-        p = np.exp(z - z.max(axis=1, keepdims=True))
-        return (p[:, 1] / p.sum(axis=1)).astype(np.float32)
-
-    def image_features(self, images) -> np.ndarray:
-        """ITC image features, L2-normalized: float32 [B, E]."""
-        self._need("itc")
-        return self.vision(images)["image_feat"]
-
-    def text_features(self, texts: str | Sequence[str]) -> np.ndarray:
-        """ITC text features, L2-normalized: float32 [T, E]."""
-        self._need("itc")
-        ids, mask = self.tokenizer.encode(_texts(texts, "texts"))
-        return self.session.run("text_features", {"input_ids": ids, "attention_mask": mask})["text_feat"]
-
-    @staticmethod
-    def similarity(image_features: np.ndarray, text_features: np.ndarray) -> np.ndarray:
-        """Cosine similarity float32 [I, T] between normalized features; rank with argsort."""
-        return image_features @ text_features.T
-
-    def retrieve(self, images, texts: str | Sequence[str], batch_size: int = 16) -> np.ndarray:
-        """Similarity [I, T] of every image with every text (a single string is one text), features
-        computed in batches of batch_size."""
-        if not _is_int(batch_size) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
-        images, texts = _as_list(images), _texts(texts, "texts")
-        img = np.concatenate([self.image_features(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
-        txt = np.concatenate([self.text_features(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
-        return self.similarity(img, txt)
-
     def _pad(self, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Left-pad prompt rows: the decoder step returns the logits of the last position, which
-        must be each row's last real token; positions count real tokens only (DecoderInference)."""
+        must be each row's last real token; positions count real tokens only (the family's Inference)."""
         width = max(len(r) for r in rows)
         ids = np.full((len(rows), width), self.special["pad_token_id"], np.int64)
         mask = np.zeros((len(rows), width), np.int64)

@@ -1,12 +1,12 @@
-"""BLIP tokenization with the `tokenizers` library only.
+"""Tokenization with the `tokenizers` library only, for any family's `tokenizer.json`.
 
-A BLIP `tokenizer.json` is BERT uncased WordPiece (30522 tokens) plus the added specials
-`[DEC]` (30522, the decoder's bos) and `[ENC]` (30523). `TextTokenizer` reproduces what
-transformers 5.23's `BlipProcessor(text=..., padding="longest", truncation=True, max_length=...)`
-and `processor.decode / batch_decode(..., skip_special_tokens=True)` give, because it drives the
-same Rust tokenizer the same way: `[CLS] ... [SEP]` from the post-processor, truncation by
-`enable_truncation(max_length, longest_first, right)` before the specials are added, right padding
-with `[PAD]` and mask 0.
+`TextTokenizer` reproduces what a transformers 5.23 processor's `(text=..., padding="longest",
+truncation=True, max_length=...)` and `decode / batch_decode(..., skip_special_tokens=True)` give,
+because it drives the same Rust tokenizer the same way: the specials from tokenizer.json's
+post-processor (BERT's `[CLS] ... [SEP]` for BLIP), truncation by `enable_truncation(max_length,
+longest_first, right)` before the specials are added, right padding with the pad token and mask 0.
+Which token pads comes from the bundle (its special_tokens' pad_token_id), not from a name known
+here; family conventions on top (BLIP's [CLS] -> [DEC] in prompts) live in the family's folder.
 
 Decoding: the WordPiece decoder in `tokenizer.json` already joins "##" pieces and removes spaces
 before punctuation (its `cleanup: true`). transformers' own `clean_up_tokenization_spaces` pass
@@ -47,9 +47,8 @@ def check_text(text: str, where: str) -> None:
 
 
 class TextTokenizer:
-    """Encode prompts / questions to ids and decode generated ids, as BlipProcessor does.
+    """Encode prompts / questions to ids and decode generated ids, as the family's processor does.
 
-    BERT-style tokenizers only (BLIP-1 and the BLIP-2 Q-Former): it needs [CLS], [SEP], [PAD].
     `encode` sets truncation on the shared Rust tokenizer for the call, under a lock, so that
     threads sharing one instance never see each other's setting.
     """
@@ -59,22 +58,31 @@ class TextTokenizer:
         tokenizer: Tokenizer,
         model_max_length: int | None = None,
         clean_up_tokenization_spaces: bool = False,
-        pad_token: str = "[PAD]",
-        cls_token: str = "[CLS]",
-        sep_token: str = "[SEP]",
+        pad_token_id: int | None = None,
+        pad_token: str | None = None,
     ):
         """`model_max_length`: truncation length when encode gets none (tokenizer_config.json's
         `model_max_length`, 512 for BLIP; None = no limit). `clean_up_tokenization_spaces`: the
-        same-named tokenizer_config.json flag (transformers 5.23 default False)."""
+        same-named tokenizer_config.json flag (transformers 5.23 default False). The pad token:
+        `pad_token_id` (the bundle's special_tokens), else `pad_token` by name, else the padding
+        that tokenizer.json itself declares; ValueError if none gives one."""
         self._tok = tokenizer
+        declared = tokenizer.padding  # read before no_padding() clears it
         # We pad in numpy and set truncation per call; start from a tokenizer that does neither.
         self._tok.no_padding()
         self._tok.no_truncation()
         self.model_max_length = model_max_length
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
-        self.pad_token_id = self._required_id(pad_token)
-        self.cls_token_id = self._required_id(cls_token)
-        self.sep_token_id = self._required_id(sep_token)
+        if pad_token_id is not None:
+            if not 0 <= int(pad_token_id) < self.vocab_size:
+                raise ValueError(f"pad_token_id={pad_token_id!r}: expected an id below the tokenizer's {self.vocab_size}")
+            self.pad_token_id = int(pad_token_id)
+        elif pad_token is not None:
+            self.pad_token_id = self._required_id(pad_token)
+        elif declared is not None:
+            self.pad_token_id = int(declared["pad_id"])
+        else:
+            raise ValueError("no pad token: give pad_token_id or pad_token (tokenizer.json declares no padding)")
         self._num_special = self._tok.num_special_tokens_to_add(False)
         self._lock = threading.Lock()
 
@@ -110,8 +118,8 @@ class TextTokenizer:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Texts -> (input_ids int64 [B, S], attention_mask int64 [B, S]).
 
-        Each row is `[CLS] tokens [SEP]`, truncated to `max_length` (default `model_max_length`)
-        tokens including the specials, right-padded with `[PAD]` to the longest row
+        Each row is the post-processor's form (BLIP: `[CLS] tokens [SEP]`), truncated to `max_length` (default `model_max_length`)
+        tokens including the specials, right-padded with the pad token to the longest row
         (padding="longest") or to max_length (padding="max_length").
         """
         if not isinstance(texts, (list, tuple)) or len(texts) == 0:

@@ -1,6 +1,6 @@
 """Train the small BLIP that blip_export ships, on easy-VQA, with BLIP's own objectives.
 
-One seeded run on the CPU (2 threads) trains, with the reference modules of blip_export.modeling:
+One seeded run on the CPU (2 threads) trains, with the reference modules of blip_export.families.blip.modeling:
 
 - captioning: LM loss of the caption decoder over the image tokens, "[DEC] caption [SEP]";
 - VQA: the question encoded over the image, the answer "[DEC] answer [SEP]" decoded over the
@@ -12,7 +12,7 @@ One seeded run on the CPU (2 threads) trains, with the reference modules of blip
 
 The vision transformer is shared by all three tasks, the text encoder by ITC, ITM and the VQA
 question encoder; captions and answers have a decoder each. The result is three Hugging Face
-checkpoints written by blip_export.checkpoint.save_checkpoint: `caption`
+checkpoints written by blip_export.families.blip.checkpoint.save_checkpoint: `caption`
 (BlipForConditionalGeneration), `vqa` (BlipForQuestionAnswering), `itm` (BlipForImageTextRetrieval).
 
     python training/train.py --out blip_export/models --seed 0
@@ -43,9 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from blip_export.checkpoint import CLIP_MEAN, CLIP_STD, save_checkpoint  # noqa: E402
-from blip_export.config import BlipConfig, config_from_dict  # noqa: E402
-from blip_export.modeling import (  # noqa: E402
+from blip_export.families.blip.checkpoint import CLIP_MEAN, CLIP_STD, save_checkpoint  # noqa: E402
+from blip_export.families.blip.config import BlipConfig, config_from_dict  # noqa: E402
+from blip_export.families.blip.modeling import (  # noqa: E402
     BlipForConditionalGeneration,
     BlipForImageTextRetrieval,
     BlipForQuestionAnswering,

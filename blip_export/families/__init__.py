@@ -1,2 +1,135 @@
-"""Model families: one folder each (config, reference modules, graph wrappers and their I/O table,
-bundle contents, calibration workload). The core names no family."""
+"""The exporter's model families: config.json's model_type -> the module that exports it.
+
+Each module (imported only when a checkpoint or bundle of its family is met) has `FAMILY`, an
+ExportFamily: how to read its config.json, build and load its reference model, which tasks an
+architecture has, its graphs (the I/O table in blip_runtime/families/<family>/graphs.py) and the
+wrapper, trace sizes and verification sizes of each, what its bundles carry besides the graphs
+(tokenizer, image settings, generation defaults, special tokens) and its calibration workload.
+The core (bundle.py, onnx_export.py, loading.py, calibration.py, precision.py) names no family.
+Adding a family: its folder and one line here (and one in blip_runtime/families for the runtime).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import CheckpointError
+
+FAMILIES = {
+    "blip": "blip_export.families.blip.family",
+    "blip-2": "blip_export.families.blip2.family",
+}
+
+
+class ExportFamily:
+    """What the exporter asks of a family. A family that cannot export yet keeps the defaults of
+    the export part, which stop with one clear ExportError (check_exportable)."""
+
+    name = ""  # config.json's model_type and the manifest's "family"
+    display_name = ""  # in messages: "BLIP (BLIP-1)"
+    key_prefixes: tuple[str, ...] = ()  # weight names only this family's checkpoints have
+    task_names: tuple[str, ...] = ()  # every task some architecture of the family exports (for --tasks)
+
+    @property
+    def architectures(self) -> tuple[str, ...]:
+        """config.json `architectures` entries the family reads (for messages)."""
+        return ()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def read_config(self, data: dict, source: str):
+        """The parsed config.json (CheckpointError naming `source` for a malformed entry)."""
+        raise NotImplementedError
+
+    def build(self, config, dtype):
+        """The reference module for `config`, parameters allocated in `dtype`, not loaded."""
+        raise NotImplementedError
+
+    def load_weights(self, model, folder, config) -> None:
+        """Stream the checkpoint's weights into `model` (blip_export.weights)."""
+        raise NotImplementedError
+
+    # -- export --------------------------------------------------------------------------------
+    def check_exportable(self, config) -> None:
+        """ExportError when this family (or this architecture) has no ONNX graphs."""
+        from ..files import ExportError
+
+        raise ExportError(f"{self.display_name} export to ONNX is not available yet")
+
+    def tasks(self, config) -> tuple[str, ...]:
+        """The tasks a checkpoint of this architecture can be exported for, the default first."""
+        raise NotImplementedError
+
+    def dims(self, config):
+        """The dims object the I/O table is built from (to_dict() goes to the manifest's "dims")."""
+        raise NotImplementedError
+
+    def graphs(self, dims, tasks: set[str], ort_attention: bool) -> dict:
+        """{name: GraphSpec} of the graphs `tasks` need; ort_attention: the ONNX Runtime forms."""
+        raise NotImplementedError
+
+    def axes(self, dims, limits) -> dict:
+        """{axis: (min, opt, max)} of the symbolic axes of the graphs, for `limits`."""
+        raise NotImplementedError
+
+    def wrapper(self, model, spec, tasks: list[str]):
+        """The nn.Module whose positional inputs and outputs are `spec`'s."""
+        raise NotImplementedError
+
+    def trace_sizes(self, spec, dims) -> dict[str, int]:
+        """Axis sizes of the tracing inputs: distinct and > 1, so no axis is baked in as a constant."""
+        raise NotImplementedError
+
+    def verify_sizes(self, spec, dims) -> list[dict[str, int]]:
+        """Axis sizes each graph is checked at against the reference module."""
+        raise NotImplementedError
+
+    def bundle_parts(self, folder, config, tokenizer_dest):
+        """Write the tokenizer file(s) to `tokenizer_dest` and return a BundleParts."""
+        raise NotImplementedError
+
+    def exercise(self, runtime, images: list, texts=None, batch_size: int = 2, tasks=None, **generation) -> dict:
+        """Run every task of the bundle on `images` (calibration and held-out comparisons): results
+        by task, token lists for generated text, float32 arrays for scores."""
+        raise NotImplementedError
+
+
+def family(name: str) -> ExportFamily:
+    """The ExportFamily of config.json's model_type (= the manifest's family) `name`; KeyError with
+    the known ones otherwise."""
+    module = FAMILIES.get(name) if isinstance(name, str) else None
+    if module is None:
+        raise KeyError(f"family {name!r} is not one this exporter knows (it knows {', '.join(map(repr, FAMILIES))})")
+    return importlib.import_module(module).FAMILY
+
+
+def known_tasks() -> tuple[str, ...]:
+    """Every task some family exports, in registry order (what `blip-export --tasks` accepts)."""
+    names: list[str] = []
+    for name in FAMILIES:
+        names += [t for t in family(name).task_names if t not in names]
+    return tuple(names)
+
+
+def family_for_config(data: dict, source: str) -> ExportFamily:
+    """The family of a parsed config.json, or CheckpointError naming `source`."""
+    model_type = data.get("model_type")
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
+        archs = data.get("architectures") or []
+        known = [f"{name!r} ({', '.join(family(name).architectures)})" for name in FAMILIES]
+        raise CheckpointError(source, f"model_type={model_type!r} (architectures {archs}): not a checkpoint of a "
+                                      f"family this exporter knows; expected model_type {' or '.join(known)}")
+    return family(model_type)
+
+
+class BundleParts:
+    """What a bundle carries besides its graphs, from the family (manifest entries and ONNX metadata)."""
+
+    def __init__(self, *, architecture: str, meta: dict, tokenizer: dict, image: dict, generation: dict,
+                 special_tokens: dict, notes: list[str] | None = None):
+        self.architecture = architecture
+        self.meta = meta  # ONNX metadata of every graph (the exporter adds "graph")
+        self.tokenizer = tokenizer  # manifest "tokenizer" entries besides file and sha256
+        self.image = image  # manifest "image"
+        self.generation = generation  # manifest "generation": generate()'s defaults
+        self.special_tokens = special_tokens  # manifest "special_tokens"
+        self.notes = list(notes or [])  # what the user should know (image settings defaulted, ...)

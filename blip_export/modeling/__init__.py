@@ -1,22 +1,2 @@
-"""Reference PyTorch modules that load Hugging Face BLIP checkpoints key for key."""
-
-from .blip import (
-    MODEL_CLASSES,
-    BlipForConditionalGeneration,
-    BlipForImageTextRetrieval,
-    BlipForQuestionAnswering,
-    BlipModel,
-)
-from .text import BlipTextLMHeadModel, BlipTextModel
-from .vision import BlipVisionModel
-
-__all__ = [
-    "MODEL_CLASSES",
-    "BlipForConditionalGeneration",
-    "BlipForImageTextRetrieval",
-    "BlipForQuestionAnswering",
-    "BlipModel",
-    "BlipTextLMHeadModel",
-    "BlipTextModel",
-    "BlipVisionModel",
-]
+"""Modeling pieces every family's reference modules share (common.py: attention, masks, activations,
+the ONNX Runtime attention switch). Each family's own modules are in blip_export/families/<family>/modeling."""

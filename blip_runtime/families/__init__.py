@@ -26,5 +26,5 @@ def family(name: str) -> ModuleType:
     """The module of family `name`; UnknownFamily (one line, listing the known ones) otherwise."""
     module = FAMILIES.get(name) if isinstance(name, str) else None
     if module is None:
-        raise UnknownFamily(f"family {name!r} is not one this runtime knows (it knows {', '.join(sorted(FAMILIES))})")
+        raise UnknownFamily(f"family {name!r} is not one this runtime knows (it knows {', '.join(map(repr, sorted(FAMILIES)))})")
     return importlib.import_module(module)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from blip_export import load_model
-from blip_export.checkpoint import CLIP_MEAN, CLIP_STD, save_checkpoint
-from blip_export.config import config_from_dict
-from blip_export.modeling import MODEL_CLASSES
+from blip_export.families.blip.checkpoint import CLIP_MEAN, CLIP_STD, save_checkpoint
+from blip_export.families.blip.config import config_from_dict
+from blip_export.families.blip.modeling import MODEL_CLASSES
 from oracle import TINY_TEXT, TINY_VISION, assert_close, rerandomize
 
 REL = 1e-5

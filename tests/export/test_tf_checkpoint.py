@@ -18,7 +18,7 @@ import torch
 
 from blip_export import CheckpointError, load_model
 from blip_export.config import read_config
-from blip_export.modeling import MODEL_CLASSES
+from blip_export.families.blip.modeling import MODEL_CLASSES
 from blip_export.tf_weights import read_tf_h5
 from oracle import assert_close, errors
 

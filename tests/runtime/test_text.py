@@ -59,7 +59,7 @@ def pair(tmp_path_factory):
     """(transformers processor, our tokenizer) with BLIP's model_max_length=512."""
     d = tmp_path_factory.mktemp("blip_tok")
     proc = _save(d, model_max_length=512)
-    return proc, TextTokenizer.from_file(d / "tokenizer.json", model_max_length=512)
+    return proc, TextTokenizer.from_file(d / "tokenizer.json", model_max_length=512, pad_token="[PAD]")
 
 
 def _ref(proc, texts, **kw):
@@ -78,8 +78,8 @@ def _check(ours, ref, what):
 def test_special_ids(pair):
     proc, tok = pair
     hf = proc.tokenizer
-    assert (tok.pad_token_id, tok.cls_token_id, tok.sep_token_id) == (0, 101, 102)
-    assert (tok.pad_token_id, tok.cls_token_id, tok.sep_token_id) == (hf.pad_token_id, hf.cls_token_id, hf.sep_token_id)
+    ours = (tok.pad_token_id, tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]"))
+    assert ours == (0, 101, 102) == (hf.pad_token_id, hf.cls_token_id, hf.sep_token_id)
     assert tok.token_to_id("[DEC]") == hf.bos_token_id == 30522
     assert tok.token_to_id("[ENC]") == 30523 and tok.token_to_id("no-such-token") is None
     assert tok.vocab_size == len(hf) == 30524 and tok.id_to_token(30522) == "[DEC]"
@@ -104,9 +104,9 @@ def test_model_max_length_truncates(pair):
     proc, tok = pair
     long = ["the quick brown fox jumps over the lazy dog " * 80, "short"]
     ids, mask = tok.encode(long)
-    assert ids.shape == (2, 512) and ids[0, -1] == tok.sep_token_id
+    assert ids.shape == (2, 512) and ids[0, -1] == tok.token_to_id("[SEP]")
     _check((ids, mask), _ref(proc, long), "model_max_length=512")
-    unlimited = TextTokenizer(tok._tok)  # model_max_length None: no truncation at all
+    unlimited = TextTokenizer(tok._tok, pad_token_id=0)  # model_max_length None: no truncation at all
     assert unlimited.encode(long)[0].shape[1] > 512
 
 
@@ -144,7 +144,8 @@ def test_cleanup_flag(tmp_path):
     text = ["don't stop, it's fine."]
     for flag, expected in ((False, "don ' t stop, it ' s fine."), (True, "don't stop, it's fine.")):
         proc = _save(tmp_path / str(flag), clean_up_tokenization_spaces=flag)
-        tok = TextTokenizer.from_file(tmp_path / str(flag) / "tokenizer.json", clean_up_tokenization_spaces=flag)
+        tok = TextTokenizer.from_file(tmp_path / str(flag) / "tokenizer.json", clean_up_tokenization_spaces=flag,
+                                      pad_token_id=0)
         ids, _ = tok.encode(text)
         assert tok.decode(ids[0]) == proc.decode(ids[0], skip_special_tokens=True) == expected
 
@@ -169,3 +170,9 @@ def test_bad_inputs(pair, tmp_path):
         tok.decode(np.array([1.5]))
     with pytest.raises(ValueError, match="missing.json"):
         TextTokenizer.from_file(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="no pad token"):
+        TextTokenizer(tok._tok)  # the pad token comes from the bundle, never from a name guessed here
+    with pytest.raises(ValueError, match=r"special token '\[NOPE\]' is not in the tokenizer vocabulary"):
+        TextTokenizer(tok._tok, pad_token="[NOPE]")
+    with pytest.raises(ValueError, match="pad_token_id=99999: expected an id below"):
+        TextTokenizer(tok._tok, pad_token_id=99999)

@@ -106,3 +106,15 @@ WRAPPERS = {
     "cross_kv": CrossKVGraph,
     "decoder_step": DecoderStepGraph,
 }
+
+
+def make_wrapper(model: nn.Module, spec, with_feat: bool = False) -> nn.Module:
+    """The module whose inputs and outputs are `spec`'s (WRAPPERS); with_feat: the vision graph
+    also returns the ITC feature."""
+    from blip_runtime.families.blip.graphs import cross_keys_transposed
+
+    if spec.name == "vision":
+        return WRAPPERS[spec.name](model, with_feat)
+    if spec.name in ("cross_kv", "decoder_step"):
+        return WRAPPERS[spec.name](model, keys_transposed=cross_keys_transposed(spec))
+    return WRAPPERS[spec.name](model)

@@ -22,16 +22,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import BlipConfig
-from .files import current_umask, mkdir_unique
+from .config import BLIP_ARCHITECTURES, GENERATIVE, BlipConfig
+from ...files import current_umask, mkdir_unique
 
 # transformers.image_utils.OPENAI_CLIP_MEAN / OPENAI_CLIP_STD, what every BLIP checkpoint uses.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-TASK_ARCHITECTURES = ("BlipForConditionalGeneration", "BlipForQuestionAnswering", "BlipForImageTextRetrieval",
-                      "BlipModel")
-_GENERATIVE = ("BlipForConditionalGeneration", "BlipForQuestionAnswering")
+TASK_ARCHITECTURES = BLIP_ARCHITECTURES
+_GENERATIVE = GENERATIVE
 _SPECIAL_NAMES = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
                   "mask_token": "[MASK]"}
 
@@ -211,7 +210,7 @@ def save_checkpoint(
     mean=CLIP_MEAN,
     std=CLIP_STD,
 ) -> Path:
-    """Write `model` (a blip_export.modeling BlipFor* / BlipModel built from `config`) to `folder`
+    """Write `model` (a blip_export.families.blip.modeling BlipFor* / BlipModel built from `config`) to `folder`
     as a Hugging Face checkpoint, replacing what is there. Returns the folder.
 
     tokenizer_dir: a folder with `tokenizer.json` (side files optional) whose [PAD], [SEP] and
@@ -224,7 +223,7 @@ def save_checkpoint(
 
     architecture = type(model).__name__
     if architecture not in TASK_ARCHITECTURES:
-        raise TypeError(f"expected one of {', '.join(TASK_ARCHITECTURES)} from blip_export.modeling, got {architecture}")
+        raise TypeError(f"expected one of {', '.join(TASK_ARCHITECTURES)} from blip_export.families.blip.modeling, got {architecture}")
     folder = Path(folder)
     state = model.state_dict()
     tie = _is_tied(state)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
-from .common import CachedSelfAttention, CrossAttention, activation, causal_padding_mask, exporting, padding_mask, use_ort_attention
+from ....modeling.common import CachedSelfAttention, CrossAttention, activation, causal_padding_mask, exporting, padding_mask, use_ort_attention
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (B, H, T, Dh)
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..config import VisionConfig
-from .common import MultiHeadAttention, activation, use_ort_attention
+from ....modeling.common import MultiHeadAttention, activation, use_ort_attention
 
 
 class BlipVisionEmbeddings(nn.Module):
