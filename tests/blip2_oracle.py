@@ -27,11 +27,14 @@ TINY_T5 = dict(model_type="t5", vocab_size=LM_VOCAB, d_model=32, d_kv=8, d_ff=48
 def opt_tokenizer():
     """A byte-level BPE with OPT's special ids: <s>=0 <pad>=1 </s>=2 <unk>=3."""
     import transformers
-    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers import ByteLevelBPETokenizer, processors
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator([" ".join(WORDS)] * 4, vocab_size=300, min_frequency=1,
                             special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
+    # OPT's tokenizer.json prepends </s> (its bos) to every text; an empty prompt is then one token.
+    bpe._tokenizer.post_processor = processors.TemplateProcessing(
+        single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", 2)])
     return transformers.GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="</s>", eos_token="</s>",
                                           pad_token="<pad>", unk_token="<unk>")
 

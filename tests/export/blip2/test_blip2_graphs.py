@@ -77,6 +77,16 @@ def test_table_matches_onnx_files(generation, retrieval, features):
         _check_table(m)
 
 
+def test_every_graph_builds_on_tensorrt_operators(generation, retrieval, features):
+    """TensorRT's ONNX parser takes every node of every BLIP-2 graph (no integer Clip or CumSum, ...)."""
+    from blip_export.trt_onnx_support import problems
+
+    for m in (generation, retrieval, features):
+        for name in m.specs:
+            found = problems(onnx.load(str(m.folder / f"{name}.onnx")))
+            assert not found, f"{m.cfg.architecture} {name}: " + "; ".join(found)
+
+
 def _check_table(m):
     expected = EXPECTED_GRAPHS[m.dims.lm]
     if m.cfg.architecture == "Blip2Model":

@@ -66,9 +66,10 @@ def relative_position_bucket(relative_position: torch.Tensor, bidirectional: boo
     max_exact = num_buckets // 2
     is_small = distance < max_exact
     # clamp below at max_exact: those entries take the exact branch, and the graph then never casts the
-    # log(0) = -inf of distance 0 to an integer (undefined; transformers computes it and discards it)
+    # log(0) = -inf of distance 0 to an integer (undefined; transformers computes it and discards it).
+    # The clamp is a float Clip after the cast: TensorRT's parser takes Clip on floating types only.
     large = max_exact + (
-        torch.log(distance.clamp(min=max_exact).float() / max_exact)
+        torch.log(distance.float().clamp(min=max_exact) / max_exact)
         / math.log(max_distance / max_exact)
         * (num_buckets - max_exact)
     ).to(torch.long)
