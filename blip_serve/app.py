@@ -4,7 +4,6 @@ Ray Serve does the batching (`@serve.batch`), replicas, queue bounds and HTTP; t
 a runtime and parse requests (blip_serve.inputs / openai_api), nothing more.
 """
 
-
 import asyncio
 import hmac
 import json
@@ -56,9 +55,6 @@ class BundleModel:
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.run.set_max_batch_size(config.max_batch)
         self.run.set_batch_wait_timeout_s(config.max_wait_ms / 1000.0)
-
-    def tasks(self) -> list[str]:
-        return self.runtime.tasks
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def run(self, calls: list[Call]) -> list:
@@ -112,7 +108,8 @@ class Gateway:
                 if attempt:
                     raise RequestError("model", f"{model}: the replica serving this request died; retry", 503)
         if isinstance(result, Failed):
-            raise RequestError("body", result.message)
+            message = result.message.replace("GenerationOptions.", "options.", 1)
+            raise RequestError(result.field, message, named=result.field != "body")
         return result
 
     async def _handle(self, request: Request, route: str, work, model: str | None = None):
@@ -126,6 +123,8 @@ class Gateway:
             response = _error(e.status, str(e), e.field)
         except BackPressureError:
             response = _error(503, f"{model}: overloaded (queue full); retry later")
+        except Exception as e:  # a fault in the server, not in the request: say what it was
+            response = _error(500, f"{model}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         self.metrics.request.remote(str(model), route, getattr(response, "status_code", 200), time.perf_counter() - start)
         return response
 

@@ -10,6 +10,7 @@ request, so one bad request fails alone with its own message.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,16 @@ class Failed:
     """A request the runtime refused (a ValueError: bad option value, text too long, ...)."""
 
     message: str
+
+    @property
+    def field(self) -> str:
+        """The request field the runtime's message names: `GenerationOptions.num_beams=...` is
+        options.num_beams, `prompt[0]: ...` is prompt[0]; "body" when it names none."""
+        m = re.match(r"GenerationOptions\.(\w+)=", self.message)
+        if m:
+            return f"options.{m.group(1)}"
+        m = re.match(r"([A-Za-z_]\w*(?:\[\d+\])?): ", self.message)
+        return m.group(1) if m else "body"
 
 
 def _run(runtime, task: str, images: list, texts: list | None, options: dict) -> list:

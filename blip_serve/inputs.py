@@ -39,8 +39,9 @@ _DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,", re.ASCII)
 class RequestError(ValueError):
     """Bad client input: `field` names it, `status` is the HTTP status to answer with."""
 
-    def __init__(self, field: str, message: str, status: int = 400):
-        super().__init__(f"{field}: {message}")
+    def __init__(self, field: str, message: str, status: int = 400, named: bool = False):
+        """named: the message names the field itself (as the runtime's messages do)."""
+        super().__init__(message if named else f"{field}: {message}")
         self.field = field
         self.status = status
 

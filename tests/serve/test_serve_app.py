@@ -195,7 +195,8 @@ def _png(w: int, h: int) -> str:
     ("/v1/caption/caption", {"prompt": "a"}, "images"),
     ("/v1/vqa/answer", {"images": [_png(8, 8)]}, "questions"),
     ("/v1/caption/caption", {"images": [_png(8, 8)], "options": {"beams": 2}}, "options.beams"),
-    ("/v1/caption/caption", {"images": [_png(8, 8)], "options": {"num_beams": 2.5}}, "body"),  # the runtime's check
+    ("/v1/caption/caption", {"images": [_png(8, 8)], "options": {"num_beams": 2.5}}, "options.num_beams"),  # the runtime's
+    ("/v1/caption/caption", {"images": [_png(8, 8)], "prompt": "a \ud800"}, "prompt[0]"),  # checks
     ("/v1/chat/completions", {"model": "caption", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}]}, "messages[0].content[0].image_url.url"),
     ("/v1/chat/completions", {"model": "caption", "messages": [], "temperature": -1}, "messages"),
