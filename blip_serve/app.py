@@ -107,6 +107,7 @@ class Gateway:
             except (ActorDiedError, ActorUnavailableError, RayActorError):
                 if attempt:
                     raise RequestError("model", f"{model}: the replica serving this request died; retry", 503)
+                self.metrics.retry.remote(model)
         if isinstance(result, Failed):
             message = result.message.replace("GenerationOptions.", "options.", 1)
             raise RequestError(result.field, message, named=result.field != "body")

@@ -24,12 +24,17 @@ class Metrics:
                                  ["model", "route"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.batch_requests = Histogram("blip_serve_batch_requests", "Client requests per replica batch",
                                         ["model"], buckets=_BATCH_BUCKETS, registry=self.registry)
+        self.retries = Counter("blip_serve_retries", "Requests retried because their replica died", ["model"],
+                               registry=self.registry)
         self.batch_rows = Histogram("blip_serve_batch_rows", "Images (or texts) per runtime call",
                                     ["model"], buckets=_BATCH_BUCKETS, registry=self.registry)
 
     def request(self, model: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(model, route, str(status)).inc()
         self.latency.labels(model, route).observe(seconds)
+
+    def retry(self, model: str) -> None:
+        self.retries.labels(model).inc()
 
     def batch(self, model: str, requests: int, rows: list[int]) -> None:
         self.batch_requests.labels(model).observe(requests)

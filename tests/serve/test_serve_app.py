@@ -273,8 +273,10 @@ def test_killed_replica_is_replaced(server):
     for t in threads:
         t.join(timeout=120)
     statuses = [s for s, _ in results]
+    retried = _metric(requests.get(server["url"] + "/metrics", timeout=30).text, "blip_serve_retries_total", "vqa")
     print(f"replica {sorted(old)} killed, replaced by {sorted(new)}; {len(results)} requests: "
-          f"{statuses.count(200)} answered, {statuses.count(503)} told to retry")
+          f"{statuses.count(200)} answered ({retried:.0f} of them retried on the new replica), "
+          f"{statuses.count(503)} told to retry")
     assert new, "no new replica started within 90 s"
     for status, b in results:  # every request got an answer or a clear error
         assert status in (200, 503), b
