@@ -61,8 +61,9 @@ def build(scale: str = "base", kinds=KINDS, rebuild: bool = False, say=print) ->
             make_full_checkpoint(ARCH[model], ckpt, hf_config(scale), seed=10 + i, std=STD)
         wanted = ["fp32"] + [k.removeprefix("trt-") for k in kinds if k.startswith("trt-")] + list(kinds)
         for kind in dict.fromkeys(wanted):  # each once, sources before the engines built from them
-            if (bundle(scale, model, kind) / "manifest.json").is_file():
+            if _current(bundle(scale, model, kind)):
                 continue
+            shutil.rmtree(bundle(scale, model, kind), ignore_errors=True)  # absent, or of an older format
             say(f"making the {scale} {model} {kind} bundle")
             try:
                 note = make(scale, model, kind)
@@ -74,6 +75,18 @@ def build(scale: str = "base", kinds=KINDS, rebuild: bool = False, say=print) ->
             if note:
                 notes[f"{model}/{kind}"] = note
     return notes
+
+
+def _current(folder: Path) -> bool:
+    """Whether `folder` holds a bundle of this version's format (an older one is made again)."""
+    import json
+
+    from blip_runtime.manifest import FORMAT_VERSION
+
+    try:
+        return json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("format_version") == FORMAT_VERSION
+    except (OSError, ValueError):
+        return False
 
 
 def make(scale: str, model: str, kind: str) -> str | None:

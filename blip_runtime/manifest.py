@@ -19,7 +19,7 @@ from .families import UnknownFamily, family
 from .graphs import GraphSpec
 from .options import _OPTION_CHECKS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ITM has a graph of its own ("itm"); text_encoder is VQA's only; roles, high, axes
 DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")  # tensor dtypes in I/O tables
 
 

@@ -378,7 +378,8 @@ BAD_MANIFESTS = {
     "generation beams": (_set("generation.num_beams", 2.5), ["'generation.num_beams' is a JSON number", "integer"]),
     "generation sample": (_set("generation.do_sample", "false"), ["'generation.do_sample'", "expected boolean"]),
     "generation object": (_set("generation", [20]), ["'generation' is a JSON list"]),
-    "format": (_set("format_version", 2), ["format_version 2", "re-export"]),
+    "format": (_set("format_version", 3), ["format_version 3", "re-export"]),
+    "format 1": (_set("format_version", 1), ["format_version 1", "this runtime reads 2", "re-export"]),
 }
 
 

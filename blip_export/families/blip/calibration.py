@@ -1,7 +1,7 @@
 """BLIP's calibration workload: every task of a bundle over images, with their texts.
 
 Feeds are recorded, not synthesized (blip_export.calibration): so vision is calibrated on
-preprocessed images, text_encoder / text_features on tokenized texts, cross_kv on the real image
+preprocessed images, text_encoder / itm / text_features on tokenized texts, cross_kv on the real image
 (caption) or question (VQA) states, and decoder_step on every step of the fp32 model's own greedy
 decoding (past lengths 0..n, prompted and not): the text the fp32 model generates is the text the
 int8 decoder is calibrated on.

@@ -28,8 +28,8 @@ class VisionGraph(nn.Module):
 
 
 class TextEncoderGraph(nn.Module):
-    """Multimodal text encoder: (input_ids, attention_mask, image_embeds) -> itm_logits [B,2]
-    (retrieval model) or question_states [B,S,D] (VQA model)."""
+    """Multimodal text encoder of the VQA model: (input_ids, attention_mask, image_embeds) ->
+    question_states [B,S,D]."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -37,9 +37,20 @@ class TextEncoderGraph(nn.Module):
 
     def forward(self, input_ids, attention_mask, image_embeds):
         states, _, _ = self.model.text_encoder(input_ids, attention_mask, encoder_hidden_states=image_embeds)
-        if isinstance(self.model, BlipForImageTextRetrieval):
-            return self.model.itm_head(states[:, 0])
         return states
+
+
+class ItmGraph(nn.Module):
+    """Multimodal text encoder and ITM head of the retrieval model: (input_ids, attention_mask,
+    image_embeds) -> itm_logits [B,2]."""
+
+    def __init__(self, model: BlipForImageTextRetrieval):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, image_embeds):
+        states, _, _ = self.model.text_encoder(input_ids, attention_mask, encoder_hidden_states=image_embeds)
+        return self.model.itm_head(states[:, 0])
 
 
 class TextFeaturesGraph(nn.Module):
@@ -102,6 +113,7 @@ class DecoderStepGraph(nn.Module):
 WRAPPERS = {
     "vision": VisionGraph,
     "text_encoder": TextEncoderGraph,
+    "itm": ItmGraph,
     "text_features": TextFeaturesGraph,
     "cross_kv": CrossKVGraph,
     "decoder_step": DecoderStepGraph,

@@ -60,14 +60,18 @@ def graphs(dims: Dims, tasks: set[str], keys_transposed: bool = True) -> dict[st
         "ViT over the preprocessed image; image_feat is the L2-normalized ITC projection of [CLS].",
     )
     text_in = (TensorSpec("input_ids", i64, (BATCH, TEXT), high=dims.vocab_size), TensorSpec("attention_mask", i64, (BATCH, TEXT)))
-    if "vqa" in tasks or "itm" in tasks:
-        out = TensorSpec("itm_logits", f32, (BATCH, 2)) if "itm" in tasks else TensorSpec(
-            "question_states", f32, (BATCH, TEXT, dims.text_hidden))
+    image_in = (TensorSpec("image_embeds", f32, (BATCH, dims.num_image_tokens, dims.vision_hidden)),)
+    if "vqa" in tasks:
         graphs["text_encoder"] = GraphSpec(
-            "text_encoder",
-            text_in + (TensorSpec("image_embeds", f32, (BATCH, dims.num_image_tokens, dims.vision_hidden)),),
-            (out,),
-            "Text encoder in multimodal mode (cross-attention to the image): ITM logits or VQA question states.",
+            "text_encoder", text_in + image_in,
+            (TensorSpec("question_states", f32, (BATCH, TEXT, dims.text_hidden)),),
+            "Text encoder in multimodal mode (cross-attention to the image): the VQA question states.",
+        )
+    if "itm" in tasks:
+        graphs["itm"] = GraphSpec(
+            "itm", text_in + image_in, (TensorSpec("itm_logits", f32, (BATCH, 2)),),
+            "Text encoder in multimodal mode (cross-attention to the image), then the ITM head on [CLS]: "
+            "logits of (no match, match).",
         )
     if "itc" in tasks:
         graphs["text_features"] = GraphSpec(

@@ -181,7 +181,7 @@ class BlipFamilyRuntime(BlipRuntime):
         images = _as_list(images)
         embeds = self.vision(images)["image_embeds"]
         ids, mask = self.tokenizer.encode(_texts(texts, "texts", len(images)))
-        logits = self.session.run("text_encoder", {"input_ids": ids, "attention_mask": mask, "image_embeds": embeds})
+        logits = self.session.run("itm", {"input_ids": ids, "attention_mask": mask, "image_embeds": embeds})
         z = logits["itm_logits"].astype(np.float64)
         p = np.exp(z - z.max(axis=1, keepdims=True))
         return (p[:, 1] / p.sum(axis=1)).astype(np.float32)
