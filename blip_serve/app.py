@@ -21,7 +21,7 @@ from ray.serve.exceptions import BackPressureError
 from . import openai_api
 from .batching import Failed, run_calls
 from .inputs import NEEDS, Call, Limits, RequestError, bundle_tasks, parse_task
-from .metrics import Metrics
+from .metrics import Metrics, MetricsBuffer
 
 RESULT_KEYS = {"caption": "captions", "answer": "answers", "match": "scores", "image_features": "features",
                "text_features": "features"}
@@ -49,7 +49,7 @@ class BundleModel:
 
         self.name = Path(bundle).name
         self.runtime = BlipRuntime.load(bundle, threads=config.threads)
-        self.metrics = metrics
+        self.metrics = MetricsBuffer(metrics)
         # One worker thread: the runtime runs one batch at a time while the event loop keeps
         # collecting the next one.
         self.pool = ThreadPoolExecutor(max_workers=1)
@@ -59,7 +59,7 @@ class BundleModel:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def run(self, calls: list[Call]) -> list:
         results, rows = await asyncio.get_running_loop().run_in_executor(self.pool, run_calls, self.runtime, calls)
-        self.metrics.batch.remote(self.name, len(calls), rows)
+        self.metrics.add("batch", self.name, len(calls), rows)
         return results
 
 
@@ -75,6 +75,7 @@ app = FastAPI(title="blip-serve")
 class Gateway:
     def __init__(self, models: dict, tasks: dict, config: ServeConfig, metrics):
         self.models, self.tasks, self.config, self.metrics = models, tasks, config, metrics
+        self.buffer = MetricsBuffer(metrics)
         self.key = config.api_key.encode() if config.api_key else None
 
     def _auth(self, request: Request) -> None:
@@ -107,7 +108,7 @@ class Gateway:
             except (ActorDiedError, ActorUnavailableError, RayActorError):
                 if attempt:
                     raise RequestError("model", f"{model}: the replica serving this request died; retry", 503)
-                self.metrics.retry.remote(model)
+                self.buffer.add("retry", model)
         if isinstance(result, Failed):
             message = result.message.replace("GenerationOptions.", "options.", 1)
             raise RequestError(result.field, message, named=result.field != "body")
@@ -126,7 +127,7 @@ class Gateway:
             response = _error(503, f"{model}: overloaded (queue full); retry later")
         except Exception as e:  # a fault in the server, not in the request: say what it was
             response = _error(500, f"{model}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        self.metrics.request.remote(str(model), route, getattr(response, "status_code", 200), time.perf_counter() - start)
+        self.buffer.add("request", str(model), route, getattr(response, "status_code", 200), time.perf_counter() - start)
         return response
 
     @app.get("/healthz")
@@ -135,6 +136,7 @@ class Gateway:
 
     @app.get("/metrics")
     async def metrics_route(self):
+        self.buffer.flush()  # replicas send theirs within MetricsBuffer.period
         return Response(await self.metrics.render.remote(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
