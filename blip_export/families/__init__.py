@@ -79,6 +79,14 @@ class ExportFamily:
         """Axis sizes of the tracing inputs: distinct and > 1, so no axis is baked in as a constant."""
         raise NotImplementedError
 
+    def feeds(self, spec, dims, sizes: dict[str, int], seed: int = 0) -> dict:
+        """Valid inputs of `spec` at axis sizes `sizes`, to trace and to verify with: the core's
+        random_feeds (token ids below TensorSpec.high, right-padded masks), unless the family's
+        inputs need more (e.g. image-token slots in a prompt)."""
+        from blip_runtime.graphs import random_feeds
+
+        return random_feeds(spec, sizes, seed)
+
     def verify_sizes(self, spec, dims) -> list[dict[str, int]]:
         """Axis sizes each graph is checked at against the reference module."""
         raise NotImplementedError
