@@ -102,7 +102,7 @@ def test_blip_serve_command_serves_and_stops_on_sigterm(bundles, tmp_path):
             try:
                 if requests.get(url + "/healthz", timeout=5).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening, or the app not deployed yet
                 pass
             assert time.time() < deadline, "blip-serve not up after 120 s"
             time.sleep(0.5)
