@@ -21,6 +21,7 @@ import argparse
 import base64
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -219,6 +220,7 @@ def main(argv=None) -> int:
         print("capfilt", results["capfilt"], flush=True)
     finally:
         ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
     results["load_after"] = os.getloadavg()[0]
     out = Path(args.out)
     plot(results, out.parent / "serving.png")
