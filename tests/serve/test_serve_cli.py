@@ -113,18 +113,18 @@ def test_blip_serve_command_serves_and_stops_on_sigterm(bundles, tmp_path):
         assert r.json()["captions"] == BlipRuntime.load(bundles["caption"]).caption([s["path"]])
         proc.send_signal(signal.SIGTERM)
         log, _ = proc.communicate(timeout=120)
+        print(log[-600:])
+        assert proc.returncode == 0
+        assert "shutting down" in log
+        deadline = time.time() + 30
+        while _ray_processes(temp) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not _ray_processes(temp), _ray_processes(temp)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    print(log[-600:])
-    assert proc.returncode == 0
-    assert "shutting down" in log
-    deadline = time.time() + 30
-    while _ray_processes(temp) and time.time() < deadline:
-        time.sleep(0.5)
-    assert not _ray_processes(temp), _ray_processes(temp)
-    shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_write_triton_repo_command_and_errors(bundles, tmp_path):
