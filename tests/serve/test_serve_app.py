@@ -162,6 +162,7 @@ def test_concurrent_clients_batched_and_equal(server):
     samples = sample_images()
     paths = [s["path"] for s in samples]
     want = server["rt"]["caption"].caption(paths)
+    time.sleep(1.0)  # observations of earlier tests reach the metrics replica first (MetricsBuffer.period)
     before = requests.get(server["url"] + "/metrics", timeout=30).text
 
     def one(i):
@@ -183,7 +184,7 @@ def test_concurrent_clients_batched_and_equal(server):
             break
         time.sleep(0.2)
     print(f"48 concurrent requests ran in {calls:.0f} batches (mean {reqs / calls:.1f} requests per batch)")
-    assert reqs == 48 and calls < 48  # some batch held more than one request
+    assert reqs >= 48 and calls < reqs  # some batch held more than one request
     assert served >= 48  # (observations of earlier tests may still arrive)
     assert "blip_serve_request_latency_seconds_bucket" in after
 
