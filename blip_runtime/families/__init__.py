@@ -15,6 +15,7 @@ from types import ModuleType
 
 FAMILIES = {
     "blip": "blip_runtime.families.blip",
+    "blip-2": "blip_runtime.families.blip2",
 }
 
 
