@@ -20,7 +20,9 @@ from blip_runtime.graphs import Limits
 from blip_runtime.image import load_image
 
 from .bundle import ExportReport, default_output, export_bundle
+from .config import read_config
 from .defaults import calibration_images
+from .families import family
 from .files import ExportError, check_output, staging
 
 FORMS = ("fp32", "fp16", "int8-cpu", "int8-qdq")  # what a bundle holds (its manifest's "precision")
@@ -89,6 +91,9 @@ def export(
     quantize_all: int8 forms quantize every layer instead of keeping the ones that lose too much in fp32."""
     start = time.time()
     form = resolve_precision(precision, target)
+    if form != "fp32" and Path(checkpoint).is_dir():  # a form the family cannot convert to stops at once
+        first = read_config(Path(checkpoint))
+        family(first.family).check_precision(first, form)
     dest = check_output(output if output else output_for(checkpoint, precision, target))  # before any work
     build_engines = None
     if target == "trt":  # before any work: a machine without TensorRT or a GPU stops at once

@@ -55,6 +55,10 @@ class ExportFamily:
 
         raise ExportError(f"{self.display_name} export to ONNX is not available yet")
 
+    def check_precision(self, config, form: str) -> None:
+        """ExportError when this family's bundles cannot be converted to `form` (pipeline.FORMS) yet."""
+        return None
+
     def tasks(self, config) -> tuple[str, ...]:
         """The tasks a checkpoint of this architecture can be exported for, the default first."""
         raise NotImplementedError
