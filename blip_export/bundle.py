@@ -24,7 +24,7 @@ from blip_runtime.manifest import FORMAT_VERSION
 
 from .config import read_config
 from .families import ExportFamily, family
-from .files import ExportError, check_output, install, sha256, staging
+from .files import ExportError, check_output, graph_record, install, save_proto, sha256, staging
 from .loading import load_model
 from .modeling.common import ort_attention as ort_attention_export
 from .onnx_export import compare, export_graph, reference_outputs
@@ -71,17 +71,20 @@ def folder_checksum(folder: Path) -> str:
 
 
 def add_metadata(path: Path, meta: dict) -> None:
-    """Model dimensions and special token ids into the ONNX file, so a graph describes itself."""
+    """Model dimensions and special token ids into the ONNX file, so a graph describes itself. Only the
+    graph file is rewritten: weights stored beside it stay where they are."""
     import onnx
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)
     for key, value in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, str(value)
-    onnx.save(model, str(path))
+    save_proto(model, path)
 
 
 def check_onnx(path: Path) -> None:
+    """The ONNX checker with shape inference, given the PATH: it then reads external data itself
+    (a loaded model over 2 GB cannot be handed to it)."""
     import onnx
 
     onnx.checker.check_model(str(path), full_check=True)
@@ -161,7 +164,7 @@ def export_bundle(
                     f"{name}: ONNX Runtime differs from the reference module by relative error {err['rel']:.2e} "
                     f"(max abs {err['max_abs']:.2e}), above {FP32_TOLERANCE:.0e}"
                 )
-            entries[name] = {"file": path.name, "sha256": sha256(path), "io": spec.to_dict(), "verification": err}
+            entries[name] = {**graph_record(path), "io": spec.to_dict(), "verification": err}
         manifest = {
             "format_version": FORMAT_VERSION,
             "family": fam.name,

@@ -24,7 +24,8 @@ from typing import Iterator
 
 from blip_runtime.manifest import sha256  # one digest for writing and for verifying bundles
 
-__all__ = ["ExportError", "check_output", "install", "is_bundle", "remove_stale", "sha256", "staging"]
+__all__ = ["ExportError", "check_output", "data_file", "graph_data_files", "graph_record", "install", "is_bundle",
+           "remove_stale", "save_graph", "save_proto", "sha256", "staging", "store_graph"]
 
 OWNER_FILE = "owner.json"  # in the staging folder, beside the bundle being written (never in it)
 
@@ -208,3 +209,174 @@ def install(payload: Path, dest: str | os.PathLike, overwrite: bool = True) -> N
 def copy_file(src: Path, dst: Path) -> None:
     """Copy the bytes only: the copy gets the user's umask, not the source's mode."""
     shutil.copyfile(src, dst)
+
+
+# -- graph files and their external data ---------------------------------------------------------
+
+# Weights above this many bytes go to a data file beside the graph (`<graph>.onnx.data`): protobuf
+# refuses messages of 2 GiB and more, and the graph's nodes and names take some room of their own
+# (2e9 leaves ~147 MB of 2 GiB). Read at call time, so tests can lower it to exercise the path on
+# tiny graphs.
+EXTERNAL_DATA_THRESHOLD = 2_000_000_000
+EXTERNAL_TENSOR_MIN = 1024  # tensors smaller than this stay inside the graph file even then
+
+
+def data_file(path: Path) -> Path:
+    """Where a graph's weights go when they are stored beside it: `<graph>.onnx.data`."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
+def _tensors(graph):
+    """Every TensorProto of `graph`: initializers and tensor attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
+                yield from _tensors(sub)
+
+
+def _nbytes(tensor) -> int:
+    import onnx
+
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return int(next((e.value for e in tensor.external_data if e.key == "length"), 0))
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    try:
+        return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError):  # string tensors, 4-bit types: their stored bytes
+        return len(tensor.raw_data)
+
+
+def weight_bytes(model) -> int:
+    """Bytes of every tensor the ModelProto holds or references (inside the file or beside it)."""
+    return sum(_nbytes(t) for t in _tensors(model.graph))
+
+
+def external_files(model) -> list[str]:
+    """Locations (relative to the graph file) of the files the graph's tensors are stored in."""
+    import onnx
+
+    seen: list[str] = []
+    for t in _tensors(model.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next(e.value for e in t.external_data if e.key == "location")
+            if loc not in seen:
+                seen.append(loc)
+    return seen
+
+
+def graph_data_files(path: Path) -> list[Path]:
+    """The data files the graph at `path` references (none when its weights are inside it)."""
+    import onnx
+
+    path = Path(path)
+    return [path.parent / loc for loc in external_files(onnx.load(str(path), load_external_data=False))]
+
+
+def save_graph(model, path: Path) -> None:
+    """Write the ModelProto `model` (every tensor's data in memory) to `path`: inside the file when its
+    weights are at most EXTERNAL_DATA_THRESHOLD bytes, else beside it in one `<graph>.onnx.data` file
+    with a relative location, so the bundle folder can move. A data file of an earlier save is removed
+    first (onnx appends to an existing one)."""
+    import onnx
+
+    path = Path(path)
+    data = data_file(path)
+    data.unlink(missing_ok=True)
+    if weight_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, str(path))
+        return
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=EXTERNAL_TENSOR_MIN, convert_attribute=True)
+
+
+def save_proto(model, path: Path) -> None:
+    """Write `model`, loaded with load_external_data=False, back to `path`: the graph file only; the
+    data files it references stay as they are (a rewrite of names, shapes or metadata)."""
+    import onnx
+
+    onnx.save_model(model, str(path))
+
+
+def store_graph(src: Path, dst: Path) -> None:
+    """Move the graph torch.onnx.export wrote at `src` to `dst` in the bundle's form (see save_graph).
+
+    torch writes the weights of a graph over 2 GB as one file per tensor beside it: those are
+    concatenated into `<dst>.data` by streaming (the weights are never all in memory) and removed.
+    A graph with its weights inside and over the threshold is loaded and saved with external data."""
+    import onnx
+
+    src, dst = Path(src), Path(dst)
+    model = onnx.load(str(src), load_external_data=False)
+    sources = external_files(model)
+    if not sources:
+        if weight_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
+            os.replace(src, dst)
+            data_file(dst).unlink(missing_ok=True)
+            return
+        save_graph(onnx.load(str(src)), dst)
+        src.unlink()
+        return
+    _gather(model, src.parent, dst)
+    if src != dst:
+        src.unlink()
+    for loc in sources:
+        if (src.parent / loc).resolve() != data_file(dst).resolve():
+            (src.parent / loc).unlink(missing_ok=True)
+
+
+def _gather(model, base: Path, dst: Path) -> None:
+    """Copy the external tensors of `model` (locations relative to `base`) into one data file beside
+    `dst`, 4 KiB aligned as onnx aligns them, point the tensors at it and write the graph to `dst`."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo
+
+    data = data_file(dst)
+    tmp = data.with_name(data.name + ".part")  # a source may be the old data file itself
+    with open(tmp, "wb") as out:
+        for t in _tensors(model.graph):
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = ExternalDataInfo(t)
+            with open(base / info.location, "rb") as f:
+                f.seek(info.offset or 0)
+                length = info.length if info.length else os.fstat(f.fileno()).st_size - (info.offset or 0)
+                out.seek(-out.tell() % 4096, 1)
+                offset = out.tell()
+                shutil.copyfileobj(_limited(f, length), out, 1 << 24)
+            del t.external_data[:]
+            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(length))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+    os.replace(tmp, data)
+    onnx.save_model(model, str(dst))
+
+
+class _limited:
+    """A file object that reads at most `n` more bytes of `f` (for shutil.copyfileobj)."""
+
+    def __init__(self, f, n: int):
+        self.f, self.n = f, n
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.n if size < 0 else min(size, self.n)
+        block = self.f.read(size)
+        self.n -= len(block)
+        return block
+
+
+def graph_record(path: Path) -> dict:
+    """The manifest's entry for a graph file: {"file", "sha256"} and, for weights stored beside it,
+    "data": [{"file", "sha256"}] (paths relative to the bundle folder)."""
+    path = Path(path)
+    record = {"file": path.name, "sha256": sha256(path)}
+    data = graph_data_files(path)
+    if data:
+        record["data"] = [{"file": p.name, "sha256": sha256(p)} for p in data]
+    return record

@@ -20,8 +20,10 @@ def check_typed(path: Path) -> None:
     tensor has a determined element type: a strongly typed TensorRT network needs one per tensor."""
     import onnx
 
-    onnx.checker.check_model(str(path), full_check=True)
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=True)
+    onnx.checker.check_model(str(path), full_check=True)  # by path: it reads external data itself
+    # Shape inference needs the initializers' dims only, which the graph file holds even when the
+    # weights are beside it (a loaded graph over 2 GB could not be serialized for it).
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False), strict_mode=True)
     g = model.graph
     undefined = [v.name for v in (*g.value_info, *g.input, *g.output) if v.type.tensor_type.elem_type == 0]
     assert not undefined, f"{path.name}: tensors of undefined type: {undefined[:10]}"
@@ -34,7 +36,7 @@ def tensor_types(path: Path) -> dict[str, int]:
     """{tensor name: ONNX elem type} of every value in the graph after shape inference."""
     import onnx
 
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
     g = model.graph
     types = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.input, *g.output)}
     types.update({t.name: t.data_type for t in g.initializer})

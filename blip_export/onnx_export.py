@@ -5,6 +5,8 @@ sizes to trace and verify at come from the family (blip_export.families)."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -13,14 +15,30 @@ import torch
 
 from blip_runtime.graphs import GraphSpec
 
+from .files import store_graph
+
 OPSET = 17  # TensorRT 10's parser and ONNX Runtime both cover it fully
 
 
 def export_graph(wrapper: torch.nn.Module, spec: GraphSpec, feeds: dict[str, np.ndarray], path: Path) -> None:
     """Trace `wrapper` (inputs and outputs positional in `spec`'s order) on `feeds` (valid inputs at
-    axis sizes that are all distinct and > 1) and write `path` (weights inside the file, under 2 GB)."""
+    axis sizes that are all distinct and > 1) and write `path`, its weights inside the file or, over
+    files.EXTERNAL_DATA_THRESHOLD, in one `<graph>.onnx.data` beside it (files.store_graph).
+
+    torch writes a graph over 2 GB with one file per weight beside it, named after the weights: it
+    writes into a scratch folder of its own, so those names never meet the bundle's files."""
     wrapper.eval()
+    path = Path(path)
     args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        _trace(wrapper, spec, args, scratch / path.name)
+        store_graph(scratch / path.name, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _trace(wrapper: torch.nn.Module, spec: GraphSpec, args: tuple, path: Path) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about python ints: shapes are covered by tests
         torch.onnx.export(

@@ -29,7 +29,7 @@ from blip_runtime.graphs import ROLE_GEMV
 from blip_runtime.image import ImageSettings
 from blip_runtime.manifest import load_manifest
 
-from .files import ExportError, check_output, copy_file, install, sha256, staging
+from .files import ExportError, check_output, copy_file, graph_record, install, save_graph, sha256, staging
 from .calibration import calibration_feeds, compare_runtimes
 from .measure import check_typed, graph_errors, ort_session, run_all, set_metadata, tensor_types
 from .quantize import HOLDOUT_FRACTION, INT8_BOUND, to_int8, to_int8_cpu
@@ -116,7 +116,7 @@ def to_fp16(src: Path, dst: Path, graph: str) -> dict:
 
     # ONNX Runtime's copy of onnxconverter-common's converter (same code, maintained with ORT), so
     # the export needs no extra package.
-    model = onnx.load(str(src))
+    model = onnx.load(str(src))  # external data, if any, read from beside src
     keep = fp16_islands(model)
     node_block = [n for names in keep.values() for n in names]
     fp16 = convert_float_to_float16(
@@ -128,7 +128,7 @@ def to_fp16(src: Path, dst: Path, graph: str) -> dict:
     folded = _fold_round_trips(fp16.graph)
     OnnxModel.graph_topological_sort(fp16.graph, is_deterministic=True)  # the converter appends its Casts
     set_metadata(fp16, {"precision": "fp16"})
-    onnx.save(fp16, str(dst))
+    save_graph(fp16, dst)  # beside the graph again when still over the threshold
     check_typed(dst)
     by_name = {n.name: n.op_type for n in fp16.graph.node}
     kinds = dict(Counter(by_name[n] for n in node_block))
@@ -270,9 +270,12 @@ def convert_bundle(
                                    gemv=ROLE_GEMV in entry["io"].get("roles", ()))
             accuracy[name] = graph_errors(run_all(ort_session(target), held[name]), run_all(ort_session(source), held[name]))
             say(f"{name}: max abs {accuracy[name]['max_abs']:.3e}, relative {accuracy[name]['rel']:.3e}")
-            graphs[name] = {**entry, "sha256": sha256(target), "precision": info}
+            # the converted graph's own files: a data file of the fp32 graph may not exist for it
+            kept = {k: v for k, v in entry.items() if k not in ("file", "sha256", "data")}
+            graphs[name] = {**graph_record(target), **kept, "precision": info}
+        graph_files = {f["file"] for e in data["graphs"].values() for f in (e, *e.get("data", ()))}
         for item in src.iterdir():  # tokenizer and anything else the bundle carries
-            if item.is_file() and item.suffix != ".onnx" and item.name != "manifest.json":
+            if item.is_file() and item.name not in graph_files and item.suffix != ".onnx" and item.name != "manifest.json":
                 copy_file(item, tmp / item.name)
         import onnxruntime
 

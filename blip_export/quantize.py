@@ -31,6 +31,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from .files import EXTERNAL_TENSOR_MIN, save_graph
 from .measure import check_typed, graph_errors, ort_session, run_all, set_metadata
 
 # Only the GEMM-like ops carry Q/DQ: that is where int8 pays (TensorRT fuses DQ -> MatMul/Conv ->
@@ -154,7 +155,7 @@ def search_exclusions(
 
     def accept(excluded_groups: list[str], err: dict, path: Path) -> None:
         if result.get("path") not in (None, path):
-            result["path"].unlink(missing_ok=True)  # candidates are whole graphs: hundreds of MB at base size
+            _remove(result["path"])  # candidates are whole graphs: hundreds of MB at base size
         result.update(excluded_groups=list(excluded_groups), error=err, path=path,
                       excluded_nodes=[n for g in excluded_groups for n in groups[g]])
 
@@ -169,7 +170,7 @@ def search_exclusions(
     for group in groups:
         err, path = attempt([g for g in groups if g != group])
         sensitivity[group] = _short(err)
-        path.unlink(missing_ok=True)
+        _remove(path)
     order = sorted(sensitivity, key=lambda g: -badness(sensitivity[g], bound, min_top1))
     result["sensitivity"] = {g: sensitivity[g] for g in order}
     excluded: list[str] = []
@@ -190,8 +191,14 @@ def search_exclusions(
             excluded = trial
             accept(excluded, err, path)
         else:
-            path.unlink(missing_ok=True)
+            _remove(path)
     return result
+
+
+def _remove(path: Path) -> None:
+    """Delete a candidate graph and the data file beside it (large graphs: GBs each)."""
+    path.unlink(missing_ok=True)
+    path.with_name(path.name + ".data").unlink(missing_ok=True)
 
 
 def _fmt(err: dict) -> str:
@@ -259,7 +266,6 @@ def to_int8(
     "sensitivity", "error", "error_all_quantized" (with the rule's exclusions only)}.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     say = progress or (lambda msg: None)
     calib, held = _split(list(calibration), holdout)
@@ -271,7 +277,8 @@ def to_int8(
         # ONNX shape inference so every tensor to quantize has a type. Not ORT's symbolic shape
         # inference (it asserts on the cross_kv Reshapes) and no ORT optimization: TensorRT gets
         # the graph as exported.
-        quant_pre_process(str(src), str(pre), skip_optimization=True, skip_symbolic_shape=True)
+        large = _large(src)
+        _pre_process(src, pre, large)
         cache = work / "calibration.json"  # calibrate once, quantize many times during the search
         inputs = _inputs(src)
 
@@ -288,6 +295,7 @@ def to_int8(
                 calibrate_method=methods[method],
                 extra_options=qdq_extra_options(method),
                 calibration_cache_path=str(cache),
+                use_external_data_format=large,
             )
 
         by_rule = attention_prob_matmuls(pre) if keep_attention_probs else []
@@ -319,13 +327,13 @@ def to_int8_cpu(
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     say = progress or (lambda msg: None)
     held = list(feeds)
     with tempfile.TemporaryDirectory(prefix=f"int8cpu-{graph}-") as tmp:
         pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(src), str(pre), skip_optimization=True, skip_symbolic_shape=True)
+        large = _large(src)
+        _pre_process(src, pre, large)
 
         MatMulNBitsQuantizer = _nbits_quantizer() if gemv else None
 
@@ -335,11 +343,12 @@ def to_int8_cpu(
                                          accuracy_level=4, nodes_to_exclude=exclude)
                 with _quiet("onnxruntime.quantization.matmul_nbits_quantizer"):
                     q.process()
-                q.model.save_model_to_file(str(out), use_external_data_format=False)
+                q.model.save_model_to_file(str(out), use_external_data_format=large)
                 return
             quantize_dynamic(
                 str(pre), str(out), op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
                 weight_type=QuantType.QInt8, nodes_to_exclude=exclude, extra_options={"MatMulConstBOnly": True},
+                use_external_data_format=large,
             )
 
         result = _search(src, pre, quantize, held, (bound, min_top1), granularity, Path(tmp), say, True, [])
@@ -397,12 +406,31 @@ def _search(src, pre, quantize, held, bounds, granularity, work, say, const_weig
     return result
 
 
+def _large(src: Path) -> bool:
+    """Whether the work copies of `src` (pre-processed graph, candidates) keep their weights beside
+    them, as save_graph would store `src` (over files.EXTERNAL_DATA_THRESHOLD)."""
+    import onnx
+
+    from . import files
+
+    return files.weight_bytes(onnx.load(str(src), load_external_data=False)) > files.EXTERNAL_DATA_THRESHOLD
+
+
+def _pre_process(src: Path, pre: Path, large: bool) -> None:
+    """ONNX shape inference only (see to_int8), the result beside `pre` with its data when large."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(src), str(pre), skip_optimization=True, skip_symbolic_shape=True,
+                      save_as_external_data=large, all_tensors_to_one_file=True,
+                      external_data_location=pre.name + ".data", external_data_size_threshold=EXTERNAL_TENSOR_MIN)
+
+
 def _finish(path: Path, dst: Path, precision: str) -> None:
     import onnx
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path))  # with the candidate's external data, if any
     set_metadata(model, {"precision": precision})
-    onnx.save(model, str(dst))
+    save_graph(model, dst)
     check_typed(dst)
 
 

@@ -61,6 +61,10 @@ SCHEMA: tuple[tuple[str, str, bool], ...] = (
     ("graphs.*", "object", True),
     ("graphs.*.file", "string", True),
     ("graphs.*.sha256", "string", False),
+    ("graphs.*.data", "list", False),  # weights stored beside a graph over 2 GB (ONNX external data)
+    ("graphs.*.data.[]", "object", False),  # children not required: see "axes"
+    ("graphs.*.data.[].file", "string", False),
+    ("graphs.*.data.[].sha256", "string", False),
     ("graphs.*.profile", "object", False),
     ("graphs.*.io", "object", True),
     ("graphs.*.io.name", "string", True),
@@ -165,11 +169,16 @@ class Manifest:
     def graph_path(self, name: str) -> Path:
         return self.folder / self.data["graphs"][name]["file"]
 
+    def data_paths(self, name: str) -> list[Path]:
+        """The files holding graph `name`'s weights beside it (ONNX external data), if any."""
+        return [self.folder / d["file"] for d in self.data["graphs"][name].get("data", ())]
+
     def verify_files(self) -> None:
-        """Check every graph (or engine) and the tokenizer against the SHA-256 the exporter recorded,
-        so a file changed or truncated after export fails here with its name, not deep inside ONNX
-        Runtime or TensorRT. Entries without a recorded digest are skipped."""
-        entries = [*self.data["graphs"].values(), self.data["tokenizer"]]
+        """Check every graph (or engine), its data files and the tokenizer against the SHA-256 the
+        exporter recorded, so a file changed or truncated after export fails here with its name, not
+        deep inside ONNX Runtime or TensorRT. Entries without a recorded digest are skipped."""
+        graphs = self.data["graphs"].values()
+        entries = [*graphs, *(d for g in graphs for d in g.get("data", ())), self.data["tokenizer"]]
         for entry in entries:
             want = entry.get("sha256")
             if not want:
@@ -217,6 +226,12 @@ def load_manifest(folder: str | Path) -> Manifest:
         file = folder / entry["file"]
         if not file.is_file():
             raise BundleError(f"{file}: graph {name!r} listed in the manifest but missing")
+        for i, data_file in enumerate(entry.get("data", ())):
+            if "file" not in data_file:  # the schema cannot require a key below an optional list
+                raise BundleError(f"{path}: no 'graphs.{name}.data[{i}].file' entry; expected string")
+            if not (folder / data_file["file"]).is_file():
+                raise BundleError(f"{folder / data_file['file']}: the weights of graph {name!r} (ONNX external data) "
+                                  "listed in the manifest but missing; copy the whole bundle folder, or re-export it")
         graphs[name] = GraphSpec.from_dict(entry["io"])
         for t in (*graphs[name].inputs, *graphs[name].outputs):
             if t.dtype not in DTYPES:
