@@ -54,6 +54,9 @@ class Blip2Dims:
     vocab_size: int = 0  # V
     image_token_id: int = 0  # the id the queries replace: image_token_index, or V for the legacy convention
     max_position_embeddings: int = 0  # OPT's position table (prompt + new tokens fit in it); 0 for T5
+    # The LM graphs' KV cache dtype: "float16" for an LM exported in fp16 end to end (the cache then
+    # crosses the graph boundary at half the bytes); logits stay float32 (the LM casts them).
+    lm_dtype: str = F32
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,16 +76,16 @@ class Blip2Dims:
 
 
 def _kv(prefix: str, rows: str, length: str, dims: Blip2Dims) -> list[TensorSpec]:
-    """past_key.i / present_value.i ...: [rows, H, length, Dh] per decoder layer."""
+    """past_key.i / present_value.i ...: [rows, H, length, Dh] per decoder layer, in dims.lm_dtype."""
     shape = (rows, dims.lm_heads, length, dims.lm_head_dim)
-    return [TensorSpec(n, F32, shape) for n in kv_names(prefix, dims.lm_layers)]
+    return [TensorSpec(n, dims.lm_dtype, shape) for n in kv_names(prefix, dims.lm_layers)]
 
 
 def _cross(rows: str, dims: Blip2Dims) -> list[TensorSpec]:
     """cross_key.i [rows, H, Dh, prompt] (transposed: each step's scores are a plain MatMul) and
     cross_value.i [rows, H, prompt, Dh]."""
     H, Dh = dims.lm_heads, dims.lm_head_dim
-    return [TensorSpec(n, F32, (rows, H, Dh, PROMPT) if "_key." in n else (rows, H, PROMPT, Dh))
+    return [TensorSpec(n, dims.lm_dtype, (rows, H, Dh, PROMPT) if "_key." in n else (rows, H, PROMPT, Dh))
             for n in kv_names("cross", dims.lm_layers)]
 
 
