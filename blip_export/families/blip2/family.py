@@ -1,15 +1,24 @@
-"""BLIP-2 as an export family (blip_export.families): its config reader and reference model load
-today; its ONNX export stops with one clear ExportError until its graphs are in the table."""
+"""BLIP-2 as an export family (blip_export.families): its config reader and reference model, the
+tasks of each architecture, its graphs (blip_runtime/families/blip2/graphs.py) and their wrappers,
+trace and verification sizes and feeds (export.py), bundle contents (bundle_parts.py) and
+calibration workload (calibration.py)."""
 
 from __future__ import annotations
 
 from .. import ExportFamily
+
+# Architectures with no bundle: each is half of a retrieval model (no runtime task runs on one half).
+NO_GRAPHS = {
+    "Blip2TextModelWithProjection": "text features only",
+    "Blip2VisionModelWithProjection": "image features only",
+}
 
 
 class Blip2Export(ExportFamily):
     name = "blip-2"
     display_name = "BLIP-2"
     key_prefixes = ("qformer.", "query_tokens", "language_model.", "language_projection.", "vision_projection.")
+    task_names = ("generate", "features", "itm", "itc")  # blip_runtime.families.blip2.graphs.TASKS
 
     @property
     def architectures(self):
@@ -31,6 +40,81 @@ class Blip2Export(ExportFamily):
         from .loading import load_weights
 
         load_weights(model, folder)
+
+    # -- export ------------------------------------------------------------------------------
+    def check_exportable(self, config):
+        from ...files import ExportError
+        from .export import ARCHITECTURE_TASKS
+
+        if config.architecture in NO_GRAPHS:
+            raise ExportError(
+                f"{config.architecture} ({NO_GRAPHS[config.architecture]}): no BLIP-2 bundle for it; export the "
+                f"Blip2ForImageTextRetrieval checkpoint it comes from (ITM and ITC, both sides)")
+        if config.architecture not in ARCHITECTURE_TASKS:
+            raise ExportError(f"{config.architecture}: no BLIP-2 graphs, expected one of {sorted(ARCHITECTURE_TASKS)}")
+
+    def check_precision(self, config, form):
+        from ...files import ExportError
+
+        if form != "fp32":
+            raise ExportError(f"--precision {form}: BLIP-2 bundles are fp32 only in this version (the Q-Former "
+                              "must stay fp32 and Flan-T5 needs fp32 islands); use --precision fp32")
+
+    def tasks(self, config):
+        from .export import architecture_tasks
+
+        return architecture_tasks(config)
+
+    def dims(self, config):
+        from .export import dims_from_config
+
+        return dims_from_config(config)
+
+    def graphs(self, dims, tasks, ort_attention):
+        from blip_runtime.families.blip2.graphs import graphs
+
+        from ...files import ExportError
+
+        if ort_attention:  # int8-cpu's fp32 source: its attention is ONNX Runtime's operator
+            raise ExportError("BLIP-2 graphs have no ONNX Runtime attention form (int8-cpu); use --precision fp32")
+        return graphs(dims, set(tasks))
+
+    def axes(self, dims, limits):
+        from blip_runtime.families.blip2.graphs import axes
+
+        return axes(dims, limits)
+
+    def wrapper(self, model, spec, tasks):
+        from .export import dims_from_config
+        from .wrappers import make_wrapper
+
+        return make_wrapper(model, spec, dims_from_config(model.config))
+
+    def trace_sizes(self, spec, dims):
+        from .export import trace_sizes
+
+        return trace_sizes(dims)
+
+    def feeds(self, spec, dims, sizes, seed=0):
+        # image tokens in LM prompts, left padding, positions from the mask (export.random_feeds)
+        from .export import random_feeds
+
+        return random_feeds(spec, dims, sizes, seed)
+
+    def verify_sizes(self, spec, dims):
+        from .export import verify_sizes
+
+        return verify_sizes(dims)
+
+    def bundle_parts(self, folder, config, tokenizer_dest):
+        from .bundle_parts import bundle_parts
+
+        return bundle_parts(folder, config, tokenizer_dest)
+
+    def exercise(self, runtime, images, texts=None, batch_size=2, tasks=None, **generation):
+        from .calibration import exercise
+
+        return exercise(runtime, images, texts, batch_size, tasks, **generation)
 
 
 FAMILY = Blip2Export()
