@@ -31,7 +31,10 @@ class OrtSession:
     pool would avoid both, but once ONNX Runtime has one, every other session in the process must use
     it, which a library cannot impose on its host."""
 
-    def __init__(self, manifest: Manifest, providers: list | None = None, threads: int | None = None):
+    def __init__(self, manifest: Manifest, providers: list | None = None, threads: int | None = None,
+                 memory: dict | None = None):
+        """`memory`: ONNX Runtime memory options (MEMORY_OPTIONS' keys) that replace the defaults;
+        benchmarks/memory.py measures each of them."""
         import onnxruntime as ort  # optional heavy import, only when a session is made
 
         available = ort.get_available_providers()
@@ -49,6 +52,7 @@ class OrtSession:
             if threads:
                 opts.intra_op_num_threads = threads
             opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if manifest.graphs[graph].has(ROLE_LOOP) else "0")
+            _apply_memory(opts, MEMORY_OPTIONS if memory is None else memory)
             return opts
 
         self.manifest = manifest
@@ -66,6 +70,21 @@ class OrtSession:
         spec.check_feeds(feeds)
         names = [t.name for t in spec.outputs]
         return dict(zip(names, self.sessions[graph].run(names, feeds)))
+
+
+# Memory options of every graph's session; benchmarks/memory.py measures each (RESULTS_memory.md).
+# Keys: SessionOptions attributes, or ONNX Runtime session config entries (with a dot).
+MEMORY_OPTIONS: dict = {}
+
+
+def _apply_memory(opts, options: dict) -> None:
+    for key, value in options.items():
+        if "." in key:
+            opts.add_session_config_entry(key, str(value))
+        elif hasattr(opts, key):
+            setattr(opts, key, value)
+        else:
+            raise ValueError(f"memory option {key!r}: expected a SessionOptions attribute or a session config entry")
 
 
 def _check_io(manifest: Manifest, name: str, session) -> None:
