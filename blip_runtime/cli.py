@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             raise InputError(f"{bundle}: ONNX Runtime cannot load the bundle: {e}") from None
         load_seconds = time.perf_counter() - start
-        task = TASK_OF[args.command]
+        task = getattr(rt, "COMMAND_TASKS", TASK_OF)[args.command]  # a family may name its tasks otherwise
         if task not in rt.tasks:
             raise InputError(f"{bundle}: this bundle has no {task!r} task (it has {', '.join(rt.tasks)}); "
                              f"export a checkpoint that does {task}")

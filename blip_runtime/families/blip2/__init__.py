@@ -5,10 +5,13 @@ from dataclasses import fields
 
 from .graphs import Blip2Dims, axes, graphs
 
+_REQUIRED_DIMS = {"image_size", "num_image_tokens", "vision_hidden", "num_query_tokens", "qformer_hidden",
+                  "qformer_vocab_size"}  # the rest default (retrieval bundles have no LM)
+
 # Rows of the manifest schema (blip_runtime.manifest.SCHEMA) that BLIP-2 bundles add.
 MANIFEST_SCHEMA = (
-    *((f"dims.{f.name}", "string" if f.name == "lm" else "integer", f.name in ("image_size", "num_image_tokens",
-       "vision_hidden", "num_query_tokens", "qformer_hidden", "qformer_vocab_size")) for f in fields(Blip2Dims)),
+    *((f"dims.{f.name}", "string" if f.type in (str, "str") else "integer", f.name in _REQUIRED_DIMS)
+      for f in fields(Blip2Dims)),
     ("special_tokens.eos_token_id", "integer", False),
     ("special_tokens.bos_token_id", "integer", False),
     ("special_tokens.image_token_id", "integer", False),

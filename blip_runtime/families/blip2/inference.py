@@ -91,7 +91,7 @@ class T5Inference(_Rows):
         rows = tokens.shape[0]
         if self.past is None:
             d = self.dims
-            empty = np.zeros((rows, d.lm_heads, 0, d.lm_head_dim), np.float32)
+            empty = np.zeros((rows, d.lm_heads, 0, d.lm_head_dim), d.lm_dtype)  # the cache dtype of the graphs
             self.past = {f"past_{k}.{i}": empty for i in range(d.lm_layers) for k in ("key", "value")}
         # decoder rows are never padded (all start at decoder_start_token_id): no decoder mask
         out = self.session.run("t5_step", {
