@@ -58,6 +58,18 @@ class Blip2FamilyRuntime(BlipRuntime):
     def vocab_size(self) -> int:
         return self.dims.vocab_size if self.dims.lm else self.dims.qformer_vocab_size
 
+    def options(self, prompt_len: int, overrides: dict) -> GenerationOptions:
+        """As BlipRuntime.options, with transformers 5's default length: a bundle whose generation entry
+        sets neither max_new_tokens nor max_length (generation_config.json set none) generates 20 new
+        tokens, the whole sequence capped at OPT's position table."""
+        defaults = self.manifest.data["generation"]
+        if not {"max_new_tokens", "max_length"} & (defaults.keys() | overrides.keys()):
+            new, limit = 20, self.dims.max_position_embeddings
+            if self.dims.lm == "opt" and limit:
+                new = max(1, min(new, limit - prompt_len))
+            overrides = {**overrides, "max_new_tokens": new}
+        return super().options(prompt_len, overrides)
+
     def _decode_text(self, groups, n: int):
         decode = self.text.batch_decode if self.text is not None else self.tokenizer.batch_decode
         return decode(groups) if n == 1 else [decode(g) for g in groups]
@@ -98,11 +110,7 @@ class Blip2FamilyRuntime(BlipRuntime):
         images = _as_list(images)
         rows = self._rows(texts, len(images))
         if self.dims.lm == "opt":
-            ids, mask = self._pad(rows)
-            options = self.options(ids.shape[1], generation)
-            self._check_positions(ids.shape[1], options)
-            inference = OptInference(self.session, self.qformer(images)["image_prefix"])
-            return generate(inference, ids, mask, options), rows, options.num_return_sequences
+            return self._generate_opt(images, rows, generation)
         start = self.special["decoder_start_token_id"]
         options = self.options(1, generation)
         ids, mask = self._pad(rows)
@@ -112,6 +120,28 @@ class Blip2FamilyRuntime(BlipRuntime):
         first = np.full((len(rows), 1), start, np.int64)
         generated = generate(T5Inference(self.session, self.dims, cross, mask), first, np.ones_like(first), options)
         return generated, rows, options.num_return_sequences
+
+    def _generate_opt(self, images: list, rows: list[list[int]], generation: dict):
+        """OPT: requests whose options agree decode together. A bundle default of max_length / min_length
+        counts the prompt (image tokens included), as transformers does, so prompts of different lengths
+        get different limits: each request gets the limits it has alone."""
+        groups: dict[str, list[int]] = {}
+        chosen = {}
+        for i, r in enumerate(rows):
+            options = self.options(len(r), generation)
+            self._check_positions(len(r), options)
+            groups.setdefault(repr(options), []).append(i)
+            chosen[repr(options)] = options
+        prefix = self.qformer(images)["image_prefix"]  # [B, Q, D]
+        out: list = [None] * len(rows)
+        for key, members in groups.items():
+            options = chosen[key]
+            ids, mask = self._pad([rows[i] for i in members])
+            generated = generate(OptInference(self.session, prefix[members]), ids, mask, options)
+            n = options.num_return_sequences
+            for j, i in enumerate(members):
+                out[i] = generated[j * n : (j + 1) * n]
+        return [g for per_request in out for g in per_request], rows, options.num_return_sequences
 
     def _text_part(self, row: list[int]) -> list[int]:
         return row[self.dims.num_query_tokens:]

@@ -4,14 +4,12 @@ sequences, batches equal to their requests alone, OPT and Flan-T5, both image-to
 as transformers 4.x composed the LM's input); ITM / ITC scores and features of Blip2ForImageTextRetrieval;
 blip-run on the bundles; bad input; no torch in the runtime.
 
-Bundles are written here from the I/O table (every graph exported with the exporter's export_graph, the
-manifest as engines/README.md describes BLIP-2 bundles), from tiny re-randomized checkpoints."""
+Bundles come from the exporter (blip_export.pipeline.export) of tiny re-randomized checkpoints."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,16 +22,7 @@ torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
 
 from blip2_oracle import NUM_QUERIES, hf_config, make_checkpoint  # noqa: E402
-from blip_export import load_model  # noqa: E402
-from blip_export.families.blip2.export import architecture_tasks, dims_from_config, export_graph  # noqa: E402
 from blip_runtime import cli  # noqa: E402
-from dataclasses import asdict  # noqa: E402
-
-from blip_runtime.families.blip2.graphs import axes, graphs  # noqa: E402
-from blip_runtime.graphs import Limits, axes_to_dict  # noqa: E402
-from blip_runtime.families.blip2.text_settings import Blip2TextSettings  # noqa: E402
-from blip_runtime.manifest import FORMAT_VERSION  # noqa: E402
-from blip_runtime.processor_config import image_processor_config  # noqa: E402
 from blip_runtime.runtime import BlipRuntime  # noqa: E402
 from oracle import assert_close, blip_vocab  # noqa: E402
 
@@ -41,36 +30,19 @@ ROOT = Path(__file__).resolve().parents[3]
 GENERATION = [("opt", True), ("opt", False), ("t5", True), ("t5", False)]
 
 
-def _write_bundle(ckpt: Path, out: Path, theirs, tokenizer_json: Path | None = None) -> None:
-    """Every graph of the checkpoint's architecture and a manifest per the bundle format."""
-    ours, cfg = load_model(ckpt)
-    dims, tasks = dims_from_config(cfg), architecture_tasks(cfg)
-    specs = graphs(dims, tasks)
-    out.mkdir()
-    for name, spec in specs.items():
-        export_graph(ours, spec, dims, out / f"{name}.onnx")
-    text = theirs.config.text_config
-    if tokenizer_json is None:  # generation: the LM's tokenizer and Blip2Processor's settings
-        shutil.copy(ckpt / "tokenizer.json", out / "tokenizer.json")
-        settings, _ = Blip2TextSettings.from_folder(ckpt, theirs.config.num_query_tokens,
-                                                     theirs.config.image_token_index)
-        tokenizer = {"file": "tokenizer.json", "for": "language_model", **settings.to_dict()}
-        special = {"eos_token_id": text.eos_token_id, "pad_token_id": text.pad_token_id,
-                   "image_token_id": dims.image_token_id}
-        if dims.lm == "t5":  # T5's config has no bos
-            special["decoder_start_token_id"] = text.decoder_start_token_id
-        else:
-            special["bos_token_id"] = text.bos_token_id
-    else:  # retrieval: the Q-Former's BERT tokenizer
-        shutil.copy(tokenizer_json, out / "tokenizer.json")
-        tokenizer = {"file": "tokenizer.json", "for": "qformer"}
-        special = {"bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0}
-    manifest = {
-        "format_version": FORMAT_VERSION, "family": "blip-2", "architecture": cfg.architecture, "tasks": list(tasks),
-        "dims": dims.to_dict(), "limits": asdict(Limits()), "axes": axes_to_dict(axes(dims, Limits())), "graphs": {n: {"file": f"{n}.onnx", "io": s.to_dict()} for n, s in specs.items()},
-        "tokenizer": tokenizer, "image": image_processor_config(ckpt)[0], "special_tokens": special,
-        "generation": {},
-    }
+def _export(ckpt: Path, out: Path) -> None:
+    """The exporter's bundle of the checkpoint (fp32 ONNX, every task of its architecture).
+
+    Its generation entry keeps only the lengths generation_config.json sets: transformers 5 generates
+    20 new tokens when none is set (the exporter writes 4.x's max_length 20, counting the prompt)."""
+    from blip_export.pipeline import export
+
+    export(ckpt, out)
+    config = json.loads((ckpt / "generation_config.json").read_text()) if (ckpt / "generation_config.json").is_file() else {}
+    manifest = json.loads((out / "manifest.json").read_text())
+    for key in ("max_length", "min_length"):
+        if key not in config:
+            manifest["generation"].pop(key, None)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
@@ -89,7 +61,7 @@ def gen(request, tmp_path_factory):
     else:
         theirs = make_checkpoint("Blip2ForConditionalGeneration", folder / "ckpt", hf_config("t5", image_tokens),
                                  seed=8, std=0.1, untie_head=True)
-    _write_bundle(folder / "ckpt", folder / "bundle", theirs)
+    _export(folder / "ckpt", folder / "bundle")
     proc = transformers.Blip2Processor.from_pretrained(folder / "ckpt")
     return SimpleNamespace(lm=lm, legacy=not image_tokens, theirs=theirs, proc=proc, bundle=folder / "bundle",
                            rt=BlipRuntime.load(folder / "bundle"), cfg=theirs.config)
@@ -126,6 +98,7 @@ CASES = {
     "min_new_tokens": dict(max_new_tokens=10, min_new_tokens=9),
     "repetition_penalty": dict(max_new_tokens=8, repetition_penalty=1.8),
     "beam3_return3": dict(max_new_tokens=8, num_beams=3, num_return_sequences=3),
+    "defaults": {},  # the bundle's: max_length 20 counting the prompt (OPT: image tokens included)
 }
 
 
@@ -173,7 +146,7 @@ def test_vqa_with_the_template_matches_transformers(gen, case):
         assert answer == ref_text
 
 
-@pytest.mark.parametrize("case", ["greedy", "beam3", "beam3_return3"])
+@pytest.mark.parametrize("case", ["greedy", "beam3", "beam3_return3", "defaults"])
 def test_batch_equals_each_request_alone(gen, case):
     m = gen
     images = _images(3, seed=11)
@@ -182,7 +155,7 @@ def test_batch_equals_each_request_alone(gen, case):
     alone = [m.rt.caption_tokens([im], prompt=p, **CASES[case])[0] for im, p in zip(images, prompts)]
     assert batch == alone
     assert len({json.dumps(b) for b in batch}) == 3
-    if not m.legacy and case == "greedy":
+    if not m.legacy and case in ("greedy", "defaults"):
         for im, p, got in zip(images, prompts, m.rt.caption(images, prompt=prompts, **CASES[case])):
             assert [got] == _theirs(m, im, p, **CASES[case])[1]
 
@@ -193,10 +166,12 @@ def retrieval(tmp_path_factory):
     folder = tmp_path_factory.mktemp("itm")
     theirs = make_checkpoint("Blip2ForImageTextRetrieval", folder / "ckpt", hf_config("opt", True, text_input=True),
                              seed=3)
+    # the retrieval checkpoint reads text with the Q-Former's BERT tokenizer
     bert = transformers.BertTokenizerFast(vocab=blip_vocab(99))
-    bert.backend_tokenizer.save(str(folder / "bert.json"))
-    _write_bundle(folder / "ckpt", folder / "bundle", theirs, tokenizer_json=folder / "bert.json")
-    proc = transformers.Blip2Processor.from_pretrained(folder / "ckpt")
+    proc = transformers.Blip2Processor(transformers.BlipImageProcessorPil(size={"height": 42, "width": 42}), bert,
+                                       num_query_tokens=NUM_QUERIES)
+    proc.save_pretrained(folder / "ckpt")
+    _export(folder / "ckpt", folder / "bundle")
     return SimpleNamespace(theirs=theirs, bert=bert, proc=proc, bundle=folder / "bundle",
                            rt=BlipRuntime.load(folder / "bundle"))
 
