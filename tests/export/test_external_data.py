@@ -228,3 +228,38 @@ def test_trt_build_parses_from_the_path(bundles, tmp_path, monkeypatch):
     assert sorted(parsed) == sorted(f"{g}.onnx" for g in load_manifest(folder).graphs)
     trt = BlipRuntime.load(tmp_path / "trt")
     assert tokens(trt) == tokens(BlipRuntime.load(folder))
+
+
+@pytest.mark.parametrize("lm", ["opt", "t5"])
+def test_blip2_bundle_with_external_data(tmp_path, monkeypatch, lm):
+    """A tiny BLIP-2 checkpoint exported with every graph's weights beside it generates the inline
+    bundle's tokens (greedy, beam search, a prompt) and checks its data files."""
+    from blip2_oracle import hf_config as blip2_config
+    from blip2_oracle import make_checkpoint as blip2_checkpoint
+
+    blip2_checkpoint("Blip2ForConditionalGeneration", tmp_path / "ckpt", blip2_config(lm, True), seed=4, std=0.3)
+    export_bundle(tmp_path / "ckpt", tmp_path / "inline")
+    monkeypatch.setattr(files, "EXTERNAL_DATA_THRESHOLD", THRESHOLD)
+    export_bundle(tmp_path / "ckpt", tmp_path / "external")
+    manifest = load_manifest(tmp_path / "external")
+    for name in manifest.graphs:
+        assert [p.name for p in manifest.data_paths(name)] == [f"{name}.onnx.data"], name
+    imgs = images(2, seed=31)
+
+    def generated(folder):
+        rt = BlipRuntime.load(folder)
+        return [rt.caption_tokens(imgs, max_new_tokens=6), rt.caption_tokens(imgs, "a photo of", max_new_tokens=5),
+                rt.caption_tokens(imgs, num_beams=2, max_new_tokens=5)]
+
+    ours = generated(tmp_path / "external")
+    print(f"BLIP-2 {lm} tokens: {ours[0]}")
+    assert ours == generated(tmp_path / "inline")
+    inline, external = BlipRuntime.load(tmp_path / "inline"), BlipRuntime.load(tmp_path / "external")
+    feeds = calibration_feeds(inline, imgs, max_new_tokens=4)
+    assert set(feeds) == set(manifest.graphs)
+    for name, graph_feeds in feeds.items():  # bit for bit: the same weights, stored elsewhere
+        for x, y in zip(run_all(external.session.sessions[name], graph_feeds), run_all(inline.session.sessions[name], graph_feeds)):
+            assert all(np.array_equal(x[k], y[k]) for k in y), name
+    (tmp_path / "external" / f"{next(iter(manifest.graphs))}.onnx.data").unlink()
+    with pytest.raises(BundleError, match=r"\.onnx\.data.*missing"):
+        BlipRuntime.load(tmp_path / "external")
