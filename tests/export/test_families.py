@@ -16,7 +16,6 @@ from blip_export import CheckpointError, read_config
 from blip_export.bundle import export_bundle
 from blip_export.families import FAMILIES as EXPORT_FAMILIES
 from blip_export.families import family, known_tasks
-from blip_export.files import ExportError
 from blip_runtime import BlipRuntime, BundleError
 from blip_runtime.families import FAMILIES as RUNTIME_FAMILIES
 from blip_runtime.families.blip.runtime import BlipFamilyRuntime
@@ -50,7 +49,7 @@ def test_core_names_no_graph_and_no_family(path):
 def test_registries():
     assert set(RUNTIME_FAMILIES) <= set(EXPORT_FAMILIES)  # every bundle a runtime opens, some exporter writes
     assert family("blip").name == "blip" and family("blip-2").name == "blip-2"
-    assert known_tasks() == ("caption", "vqa", "itm", "itc")
+    assert known_tasks() == ("caption", "vqa", "itm", "itc", "generate", "features")  # registry order
     with pytest.raises(KeyError, match="family 'blip9' is not one this exporter knows .*'blip', 'blip-2'"):
         family("blip9")
 
@@ -84,7 +83,7 @@ def test_unknown_family_is_one_error(bundle, tmp_path):
     path.write_text(json.dumps({**data, "family": "instructblip"}))
     with pytest.raises(BundleError) as e:
         BlipRuntime.load(tmp_path / "b")
-    assert "family 'instructblip' is not one this runtime knows (it knows 'blip')" in str(e.value)
+    assert "family 'instructblip' is not one this runtime knows (it knows 'blip', 'blip-2')" in str(e.value)
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
@@ -96,14 +95,15 @@ def test_unknown_model_type_is_one_error(bundle, tmp_path):
         read_config(tmp_path / "c")
 
 
-def test_blip2_loads_but_does_not_export_yet(tmp_path):
+def test_blip2_goes_through_the_same_core(tmp_path):
+    """A BLIP-2 folder is read, exported and opened through the registries alone."""
     from blip2_oracle import hf_config, make_checkpoint
 
     make_checkpoint("Blip2ForConditionalGeneration", tmp_path / "ckpt", hf_config("opt"))
     assert read_config(tmp_path / "ckpt").family == "blip-2"
-    with pytest.raises(ExportError, match="^BLIP-2 export to ONNX is not available yet$"):
-        export_bundle(tmp_path / "ckpt", tmp_path / "bundle")
-    assert not (tmp_path / "bundle").exists()
+    export_bundle(tmp_path / "ckpt", tmp_path / "bundle")
+    rt = BlipRuntime.load(tmp_path / "bundle")
+    assert rt.manifest.data["family"] == "blip-2" and type(rt).__module__.startswith("blip_runtime.families.blip2")
 
 
 def test_manifest_without_roles_high_axes_reads(bundle, tmp_path):
