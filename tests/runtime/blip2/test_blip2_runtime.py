@@ -72,8 +72,8 @@ def _theirs(m, image, text, **settings) -> tuple[list[list[int]], list[str], int
     """transformers for one request: (generated ids per sequence, EOS included, no pads; the decoded
     outputs as batch_decode(skip_special_tokens=True) gives them; the length before the generated ids)."""
     inputs = m.proc(images=[image], text=None if text is None else [text], return_tensors="pt")
-    eos, pad = m.cfg.text_config.eos_token_id, m.cfg.text_config.pad_token_id
-    settings = dict(do_sample=False, eos_token_id=eos, pad_token_id=pad, **settings)
+    eos = settings.pop("eos_token_id", m.cfg.text_config.eos_token_id)
+    settings = dict(do_sample=False, eos_token_id=eos, pad_token_id=m.cfg.text_config.pad_token_id, **settings)
     if m.legacy:  # transformers 4.x: the queries before the text embeddings, the LM's generate over them
         prefix = m.theirs.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
         ids = inputs["input_ids"]
@@ -260,3 +260,23 @@ def test_no_torch(gen):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("case", ["greedy", "beam3", "min_new_tokens"])
+def test_generation_stops_at_the_eos_it_is_given(gen, case):
+    """A token the model does generate as EOS (OPT's public checkpoints end at "\\n", 50118): decoding
+    stops there, with min_new_tokens holding it back, as in transformers."""
+    m, image = gen, _images(1, seed=41)[0]
+    prompt = "a photo of the"
+    first, _, _ = _theirs(m, image, prompt, max_new_tokens=8)
+    eos = first[0][2]
+    options = {"greedy": dict(max_new_tokens=8), "beam3": dict(max_new_tokens=8, num_beams=3),
+               "min_new_tokens": dict(max_new_tokens=8, min_new_tokens=5)}[case]
+    ref, _, _ = _theirs(m, image, prompt, **{**options, "eos_token_id": eos})
+    ours = m.rt._generate([image], [prompt], {**options, "eos_token_id": eos})[0]
+    print("eos", eos, "transformers:", ref, "\nours:", ours)
+    assert ours == ref
+    if case == "greedy":
+        assert ours[0][-1] == eos and len(ours[0]) <= 3
+    if case == "min_new_tokens":
+        assert eos not in ours[0][:5]
