@@ -280,3 +280,17 @@ def test_generation_stops_at_the_eos_it_is_given(gen, case):
         assert ours[0][-1] == eos and len(ours[0]) <= 3
     if case == "min_new_tokens":
         assert eos not in ours[0][:5]
+
+
+@torch.no_grad()
+def test_blip2_model_qformer_features_match_transformers(tmp_path):
+    theirs = make_checkpoint("Blip2Model", tmp_path / "ckpt", hf_config("opt", True), seed=2)
+    _export(tmp_path / "ckpt", tmp_path / "bundle")
+    rt = BlipRuntime.load(tmp_path / "bundle")
+    images = _images(2, seed=51)
+    pv = transformers.Blip2Processor.from_pretrained(tmp_path / "ckpt").image_processor(images, return_tensors="pt")
+    got = rt.qformer_features(images)
+    assert got.shape == (2, NUM_QUERIES, 32)
+    assert_close(got, theirs.get_qformer_features(pixel_values=pv["pixel_values"]), 1e-5, "qformer_features")
+    with pytest.raises(ValueError, match="does the tasks"):
+        rt.image_features(images)  # Blip2Model has no ITC projections
