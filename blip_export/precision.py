@@ -116,12 +116,16 @@ def to_fp16(src: Path, dst: Path, graph: str) -> dict:
 
     # ONNX Runtime's copy of onnxconverter-common's converter (same code, maintained with ORT), so
     # the export needs no extra package.
-    model = onnx.load(str(src))  # external data, if any, read from beside src
+    # Types by shape inference on the graph file alone (the converter would serialize the whole model
+    # for it, which fails over 2 GB), then the weights from beside src, if they are stored there.
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(src), load_external_data=False))
+    onnx.load_external_data_for_model(model, str(Path(src).parent))
     keep = fp16_islands(model)
     node_block = [n for names in keep.values() for n in names]
     fp16 = convert_float_to_float16(
         model,
         keep_io_types=True,
+        disable_shape_infer=True,
         op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_OPS)),
         node_block_list=node_block,
     )

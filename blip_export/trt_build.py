@@ -50,6 +50,8 @@ def engine_loader(onnx_path: Path, shapes: dict, timing_cache: Path | None, *, s
     for name, (lo, opt, hi) in shapes.items():
         profile.add(name, min=lo, opt=opt, max=hi)
     cache = str(timing_cache) if timing_cache else None
+    # From the path, never from bytes: the parser then reads weights stored beside the graph
+    # (`<graph>.onnx.data`, graphs over 2 GB) relative to it.
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=strongly_typed)
     existing = cache if cache and Path(cache).is_file() else None  # a first build starts an empty cache
     config = CreateConfig(profiles=[profile], load_timing_cache=existing, tf32=tf32)
