@@ -33,6 +33,7 @@ def export_graph(wrapper: torch.nn.Module, spec: GraphSpec, feeds: dict[str, np.
     scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         _trace(wrapper, spec, args, scratch / path.name)
+        declare_outputs(scratch / path.name, spec)
         store_graph(scratch / path.name, path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -52,6 +53,29 @@ def _trace(wrapper: torch.nn.Module, spec: GraphSpec, args: tuple, path: Path) -
             dynamo=False,
             do_constant_folding=True,
         )
+
+
+def declare_outputs(path: Path, spec: GraphSpec) -> None:
+    """Write the table's output shapes into the file: the tracer names every output axis it cannot
+    prove fixed (`LayerNormalizationimage_embeds_dim_1`) where the table says 257 or `prompt`, and a
+    graph should describe itself as the table does. Weights stored beside the graph stay where they are."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for out, t in zip(model.graph.output, spec.outputs):
+        if out.name != t.name:
+            raise ValueError(f"{spec.name}: ONNX output {out.name!r} where the table has {t.name!r}")
+        dims = out.type.tensor_type.shape.dim
+        if len(dims) != len(t.shape):
+            raise ValueError(f"{spec.name}: output {t.name!r} has rank {len(dims)}, the table says {t.shape}")
+        for d, axis in zip(dims, t.shape):
+            if isinstance(axis, int):
+                d.ClearField("dim_param")
+                d.dim_value = axis
+            else:
+                d.ClearField("dim_value")
+                d.dim_param = axis
+    onnx.save(model, str(path))
 
 
 def reference_outputs(wrapper: torch.nn.Module, spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -4,11 +4,9 @@ of one graph (opset 17, the TorchScript exporter, as blip_export/onnx_export.py 
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 
 from blip_runtime.families.blip2.graphs import BATCH, NEW, PAST, PROMPT, ROWS, TEXT, TOTAL, Blip2Dims
@@ -16,8 +14,6 @@ from blip_runtime.graphs import GraphSpec
 
 from .config import Blip2Config
 from .wrappers import make_wrapper
-
-OPSET = 17
 
 ARCHITECTURE_TASKS = {
     "Blip2ForConditionalGeneration": ("generate",),
@@ -118,37 +114,11 @@ def random_feeds(spec: GraphSpec, dims: Blip2Dims, sizes: dict[str, int], seed: 
 
 
 def export_graph(model: torch.nn.Module, spec: GraphSpec, dims: Blip2Dims, path: Path) -> None:
-    """Trace the wrapper of `spec` at trace_sizes and write `path`, named and dynamic as the table says."""
-    wrapper = make_wrapper(model, spec, dims)
-    feeds = random_feeds(spec, dims, trace_sizes(dims))
-    args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about python ints: every size is verified after
-        torch.onnx.export(wrapper, args, str(path), input_names=[t.name for t in spec.inputs],
-                          output_names=[t.name for t in spec.outputs], dynamic_axes=spec.dynamic_axes(),
-                          opset_version=OPSET, dynamo=False, do_constant_folding=True)
-    declare_outputs(path, spec)
+    """Trace the wrapper of `spec` at trace_sizes and write `path`, named, dynamic and shaped as the
+    table says (the core exporter, blip_export.onnx_export)."""
+    from ...onnx_export import export_graph as export_wrapper
 
-
-def declare_outputs(path: Path, spec: GraphSpec) -> None:
-    """Write the table's output shapes into the file: the tracer names every output axis it cannot
-    prove fixed (`LayerNormalizationimage_embeds_dim_1`), where the table says 257 or `prompt`.
-    Weights stored beside the graph (over 2 GB) stay where they are."""
-    model = onnx.load(str(path), load_external_data=False)
-    for out, t in zip(model.graph.output, spec.outputs):
-        if out.name != t.name:
-            raise ValueError(f"{spec.name}: ONNX output {out.name!r} where the table has {t.name!r}")
-        dims = out.type.tensor_type.shape.dim
-        if len(dims) != len(t.shape):
-            raise ValueError(f"{spec.name}: output {t.name!r} has rank {len(dims)}, the table says {t.shape}")
-        for d, axis in zip(dims, t.shape):
-            if isinstance(axis, int):
-                d.ClearField("dim_param")
-                d.dim_value = axis
-            else:
-                d.ClearField("dim_value")
-                d.dim_param = axis
-    onnx.save(model, str(path))
+    export_wrapper(make_wrapper(model, spec, dims), spec, random_feeds(spec, dims, trace_sizes(dims)), path)
 
 
 def reference_outputs(model: torch.nn.Module, spec: GraphSpec, dims: Blip2Dims,
