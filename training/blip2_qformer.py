@@ -65,11 +65,13 @@ def qformer_states(model, image_embeds: torch.Tensor) -> torch.Tensor:
 
 
 def stage1_losses(model, temp, embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, same: torch.Tensor,
-                  dec_id: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+                  same_kind: torch.Tensor, dec_id: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """BLIP-2 stage 1 on a Blip2ForImageTextRetrieval `model`.
 
     embeds: float [B, P, D] frozen image embeddings; ids/mask: int64 [B, S] "[CLS] caption [SEP]";
-    same: bool [B, B], captions equal (positives of each other); dec_id: the [DEC] id that starts
+    same: bool [B, B], captions equal (ITC positives of each other); same_kind: bool [B, B], captions
+    naming the same colour and shape (never ITM negatives: size and position are fuzzy labels, and
+    as negatives they taught the head to answer "no match" always); dec_id: the [DEC] id that starts
     generated text. Returns the three losses and ITM accuracy."""
     B, N = embeds.shape[0], model.config.num_query_tokens
     out = {}
@@ -86,8 +88,8 @@ def stage1_losses(model, temp, embeds: torch.Tensor, ids: torch.Tensor, mask: to
 
     # ITM: one hard negative text per image and image per text, drawn by ITC similarity.
     with torch.no_grad():
-        w_i2t = F.softmax(sim, 1).masked_fill(same, 0) + 1e-9 * (~same)
-        w_t2i = F.softmax(sim.t(), 1).masked_fill(same, 0) + 1e-9 * (~same)
+        w_i2t = F.softmax(sim, 1).masked_fill(same_kind, 0) + 1e-9 * (~same_kind)
+        w_t2i = F.softmax(sim.t(), 1).masked_fill(same_kind, 0) + 1e-9 * (~same_kind)
         neg_text = torch.multinomial(w_i2t, 1, generator=gen).squeeze(1)  # (B,)
         neg_image = torch.multinomial(w_t2i, 1, generator=gen).squeeze(1)
     idx = torch.arange(B)
