@@ -80,6 +80,10 @@ class BundleContender:
         from blip_runtime import BlipRuntime
 
         self.rt = BlipRuntime.load(models.bundle(scale, model, self.kind), threads=THREADS)
+        self._wrap()
+        return {"onnxruntime": onnxruntime.__version__, "threads": THREADS, "session": type(self.rt.session).__name__}
+
+    def _wrap(self) -> None:
         session = self.rt.session
         run = session.run
         # BLIP's itm graph is the multimodal text encoder plus its ITM head: the "text_encoder" stage,
@@ -87,7 +91,6 @@ class BundleContender:
         session.run = lambda graph, *args, **kwargs: self.clock.wrap(GRAPH_STAGES.get(graph, graph), run)(
             graph, *args, **kwargs)
         self.rt.pixels = self.clock.wrap("preprocess", self.rt.pixels)
-        return {"onnxruntime": onnxruntime.__version__, "threads": THREADS, "session": type(session).__name__}
 
     def run(self, case, images):
         rt, n = self.rt, len(images)
@@ -98,6 +101,51 @@ class BundleContender:
         if case.task == "itm":
             return rt.match(images, [TEXT] * n)
         return rt.image_features(images)
+
+
+class OvSession:
+    """OpenVINO over a bundle's ONNX graphs (ov.Core().read_model on each .onnx file), behind the
+    runtime's Session interface: the same graphs and feeds as ONNX Runtime, another engine. CPU,
+    THREADS threads, the latency hint (one request at a time, as the other contenders run)."""
+
+    def __init__(self, manifest, threads: int = THREADS):
+        import openvino as ov
+
+        core = ov.Core()
+        config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+        self.manifest = manifest
+        self.compiled = {name: core.compile_model(core.read_model(str(manifest.graph_path(name))), "CPU", config)
+                         for name in manifest.graphs}
+        self.requests = {name: c.create_infer_request() for name, c in self.compiled.items()}
+
+    def run(self, graph: str, feeds: dict, keep=()) -> dict:
+        self.manifest.graphs[graph].check_feeds(feeds)
+        request = self.requests[graph]
+        request.infer(feeds)
+        # copies: the request's output buffers are reused by its next run, and the loop keeps the past
+        return {o.get_any_name(): request.get_tensor(o).data.copy() for o in self.compiled[graph].outputs}
+
+
+class OvContender(BundleContender):
+    """OpenVINO running the same bundle kind's graphs (ov-fp32, ov-int8: the int8 a user gets from
+    `blip-export --precision int8` on a CPU, ONNX Runtime's CPU form)."""
+
+    def unavailable(self, scale: str, model: str) -> str | None:
+        if not importlib.util.find_spec("openvino"):
+            return "openvino is not installed (pip install openvino)"
+        return super().unavailable(scale, model)
+
+    def load(self, scale: str, model: str) -> dict:
+        import openvino
+
+        from blip_runtime import BlipRuntime
+        from blip_runtime.manifest import load_manifest
+
+        manifest = load_manifest(models.bundle(scale, model, self.kind))
+        manifest.verify_files()
+        self.rt = BlipRuntime(manifest, OvSession(manifest))
+        self._wrap()
+        return {"openvino": openvino.__version__, "threads": THREADS, "session": "OvSession"}
 
 
 class TransformersContender:
@@ -150,5 +198,7 @@ CONTENDERS = {
     "ort-fp16": lambda: BundleContender("fp16"),
     "trt-fp16": lambda: BundleContender("trt-fp16"),
     "trt-int8": lambda: BundleContender("trt-int8"),
+    "ov-fp32": lambda: OvContender("fp32"),  # OpenVINO on the fp32 bundle's graphs
+    "ov-int8": lambda: OvContender("int8-cpu"),  # OpenVINO on the int8 graphs `--precision int8` writes for a CPU
 }
 BASELINE = "transformers"

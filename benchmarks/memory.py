@@ -1,8 +1,9 @@
 """Resident memory of a running bundle against transformers, per ONNX Runtime memory option.
 
 Every (contender, option) runs in a process of its own (RSS and ru_maxrss are then its own):
-load the caption model, run caption-greedy twice (20 new tokens), and report the RSS after load, the
-peak during load (ru_maxrss right after it) and the peak over the whole run. `--paired` then loads
+load the caption model, run the benchmark's caption cases once each (greedy, 3 beams, batch 8; 20 new
+tokens), and report the RSS after load, the peak during load (ru_maxrss right after it), the peak
+after each case and the time from load to the first caption. `--paired` then loads
 the default and the chosen options in one process and alternates caption runs, timing the decoder
 step of each, so that an option that saves memory is seen not to slow the step. Writes
 RESULTS_memory.md (and memory.json) here.
@@ -27,7 +28,8 @@ from .cases import CASES
 from .contenders import THREADS
 
 HERE = Path(__file__).resolve().parent
-CASE = next(c for c in CASES if c.name == "caption-greedy")
+CASE = next(c for c in CASES if c.name == "caption-greedy")  # the paired decoder-step timing's case
+CAPTION = [c for c in CASES if c.model == "caption"]  # greedy, beam3, batch8: as the benchmark runs them
 # name -> ONNX Runtime memory options (blip_runtime.session.MEMORY_OPTIONS keys); "default" is
 # what OrtSession uses today.
 OPTIONS = {
@@ -40,6 +42,7 @@ OPTIONS = {
     "no-arena+init-device-alloc": {"enable_cpu_mem_arena": False,
                                    "session.use_device_allocator_for_initializers": "1"},
     "no-arena+no-prepack": {"enable_cpu_mem_arena": False, "session.disable_prepacking": "1"},
+    "no-arena+no-mem-pattern": {"enable_cpu_mem_arena": False, "enable_mem_pattern": False},
 }
 
 
@@ -56,7 +59,6 @@ def child(scale: str, contender: str, option: str) -> dict:
     """One measurement, in this process: contender "transformers" or a bundle kind."""
     from .cases import images
 
-    imgs = images(1, seed=1)
     base = rss_mb()
     start = time.perf_counter()
     if contender == "transformers":
@@ -64,16 +66,23 @@ def child(scale: str, contender: str, option: str) -> dict:
 
         c = TransformersContender()
         c.load(scale, CASE.model)
-        run = lambda: c.run(CASE, imgs)  # noqa: E731
+        run = c.run
     else:
         rt = load_runtime(scale, contender, OPTIONS[option])
-        run = lambda: rt.caption_tokens(imgs, **CASE.generation)  # noqa: E731
+        run = lambda case, imgs: rt.caption_tokens(imgs, **case.generation)  # noqa: E731
     load_s = time.perf_counter() - start
     after_load, load_peak = rss_mb(), peak_mb()
-    tokens = [run() for _ in range(2)][-1]
+    first, cases = None, {}
+    for case in CAPTION:  # one run each; the peak so far after each
+        start = time.perf_counter()
+        tokens = run(case, images(case.batch, seed=1))
+        cases[case.name] = {"peak_mb": peak_mb(), "seconds": time.perf_counter() - start,
+                            "tokens": [list(map(int, r)) for r in tokens]}
+        if first is None:
+            first = time.perf_counter() - start + load_s
     return {"contender": contender, "option": option, "rss_before_load_mb": base, "load_seconds": load_s,
-            "rss_after_load_mb": after_load, "load_peak_mb": load_peak, "rss_after_run_mb": rss_mb(),
-            "peak_mb": peak_mb(), "tokens": [list(map(int, r)) for r in tokens]}
+            "first_result_seconds": first, "rss_after_load_mb": after_load, "load_peak_mb": load_peak,
+            "rss_after_run_mb": rss_mb(), "peak_mb": peak_mb(), "cases": cases}
 
 
 def load_runtime(scale: str, kind: str, memory: dict | None):
@@ -138,7 +147,7 @@ def main(argv=None) -> int:
     for kind in args.kinds.split(","):
         for option in args.options.split(","):
             rows.append(spawn(["--scale", args.scale, "--child", kind, option]))
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "tokens"}), flush=True)
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "cases"}), flush=True)
     pairs = [spawn(["--scale", args.scale, "--rounds", str(args.rounds), "--pair-child", kind, args.paired])
              for kind in args.kinds.split(",")] if args.paired else []
     result = {"scale": args.scale, "load_before": load, "load_after": os.getloadavg()[0], "rows": rows,
@@ -159,26 +168,31 @@ def report(result: dict) -> str:
     ref = next((r for r in rows if r.get("contender") == "transformers" and "peak_mb" in r), None)
     lines = ["# Memory of a running bundle: ONNX Runtime options against transformers", "",
              f"`python -m benchmarks.memory` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, scale "
-             f"`{result['scale']}`, caption-greedy (batch 1, 20 new tokens, run twice after load), {THREADS} threads, "
-             f"each row in a process of its own. Load average (1 min) before / after: {result['load_before']:.2f} / "
-             f"{result['load_after']:.2f} (RSS does not depend on it; the load times do). Generated from memory.json.", "",
-             "RSS after load: resident set right after BlipRuntime/from_pretrained returns. Load peak: ru_maxrss at that "
-             "moment (the most the load itself held). Peak: ru_maxrss after the runs. Tokens: equal to the default "
-             "options' tokens of the same bundle (fp32: also to transformers').", "",
-             "| contender | options | load | RSS after load | load peak | peak | peak / transformers | tokens |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
-    default_tokens = {r["contender"]: r["tokens"] for r in rows if r.get("option") == "default" and "tokens" in r}
+             f"`{result['scale']}`, the caption cases once each in this order ({', '.join(c.name for c in CAPTION)}; "
+             f"20 new tokens), {THREADS} threads, each row in a process of its own. Load average (1 min) before / after: "
+             f"{result['load_before']:.2f} / {result['load_after']:.2f} (RSS does not depend on it; the times do). "
+             "Generated from memory.json.", "",
+             "RSS after load: resident set right after BlipRuntime / from_pretrained returns. Load peak: ru_maxrss at "
+             "that moment (the most the load itself held). Then ru_maxrss after each case (the peak so far), and its "
+             "ratio to transformers' at the end. First: load + the first caption (greedy). Tokens: every case's "
+             "tokens equal the default options' of the same bundle (fp32: also transformers').", "",
+             "| contender | options | load | first | RSS after load | load peak | "
+             + " | ".join(f"peak after {c.name}" for c in CAPTION) + " | peak / transformers | tokens |",
+             "|---|---|---:|---:|---:|---:|" + "---:|" * len(CAPTION) + "---:|---|"]
+    tokens = lambda r: {k: v["tokens"] for k, v in r["cases"].items()}  # noqa: E731
+    default_tokens = {r["contender"]: tokens(r) for r in rows if r.get("option") == "default" and "cases" in r}
     for r in rows:
         if "error" in r:
-            lines.append(f"| ? | ? | failed: {r['error'][:200]} | | | | | |")
+            lines.append(f"| ? | ? | failed: {r['error'][:200]} |" + " |" * (6 + len(CAPTION)))
             continue
         same = "–" if r["contender"] == "transformers" else (
-            "same" if r["tokens"] == default_tokens.get(r["contender"]) else "**differ**")
+            "same" if tokens(r) == default_tokens.get(r["contender"]) else "**differ**")
         if r["contender"] == "fp32" and ref:
-            same += ", = transformers" if r["tokens"] == ref["tokens"] else ", **≠ transformers**"
+            same += ", = transformers" if tokens(r) == tokens(ref) else ", **≠ transformers**"
         share = f"{r['peak_mb'] / ref['peak_mb']:.2f}" if ref else "–"
-        lines.append(f"| {r['contender']} | {r['option']} | {r['load_seconds']:.1f} s | {r['rss_after_load_mb']:.0f} MB | "
-                     f"{r['load_peak_mb']:.0f} MB | {r['peak_mb']:.0f} MB | {share} | {same} |")
+        peaks = " | ".join(f"{r['cases'][c.name]['peak_mb']:.0f} MB" for c in CAPTION)
+        lines.append(f"| {r['contender']} | {r['option']} | {r['load_seconds']:.1f} s | {r['first_result_seconds']:.1f} s | "
+                     f"{r['rss_after_load_mb']:.0f} MB | {r['load_peak_mb']:.0f} MB | {peaks} | {share} | {same} |")
     for pair in result.get("paired", []):
         if "error" in pair:
             lines += ["", f"Paired timing failed: {pair['error'][:300]}"]
