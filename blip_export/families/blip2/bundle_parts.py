@@ -103,9 +103,10 @@ def _generation_config(folder: Path) -> dict:
 
 
 def generation_defaults(generation_config: dict) -> dict:
-    """generate()'s defaults: generation_config.json's, over transformers' (max_length 20 counting
-    the prompt, greedy)."""
-    out = {"max_length": 20, "num_beams": 1, "min_length": 0}
+    """generate()'s defaults: generation_config.json's, over greedy. Only the lengths the file sets are
+    written: without them transformers 5 generates 20 new tokens (within the LM's positions), which
+    the runtime applies; a max_length of 20 written here would count the prompt and the image tokens."""
+    out = {"num_beams": 1}
     out.update({k: generation_config[k] for k in GENERATION_KEYS if generation_config.get(k) is not None})
     return out
 
