@@ -4,11 +4,11 @@ Every (contender, option) runs in a process of its own (RSS and ru_maxrss are th
 load the caption model, run the benchmark's caption cases once each (greedy, 3 beams, batch 8; 20 new
 tokens), and report the RSS after load, the peak during load (ru_maxrss right after it), the peak
 after each case and the time from load to the first caption. `--paired` then loads
-the default and the chosen options in one process and alternates caption runs, timing the decoder
+ONNX Runtime's defaults and the chosen options in one process and alternates caption runs, timing the decoder
 step of each, so that an option that saves memory is seen not to slow the step. Writes
 RESULTS_memory.md (and memory.json) here.
 
-    python -m benchmarks.memory [--scale base] [--kinds fp32,int8-cpu] [--options default,no-arena,...]
+    python -m benchmarks.memory [--scale base] [--kinds fp32,int8-cpu] [--options ort-defaults,runtime,no-arena,...]
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from .contenders import THREADS
 HERE = Path(__file__).resolve().parent
 CASE = next(c for c in CASES if c.name == "caption-greedy")  # the paired decoder-step timing's case
 CAPTION = [c for c in CASES if c.model == "caption"]  # greedy, beam3, batch8: as the benchmark runs them
-# name -> ONNX Runtime memory options (blip_runtime.session.MEMORY_OPTIONS keys); "default" is
-# what OrtSession uses today.
+# name -> ONNX Runtime memory options (blip_runtime.session.MEMORY_OPTIONS keys); "runtime" is
+# what OrtSession uses (MEMORY_OPTIONS), "ort-defaults" ONNX Runtime's own (before MEMORY_OPTIONS).
 OPTIONS = {
-    "default": None,
-    "ort-defaults": {},  # ONNX Runtime's own defaults: arena on, prepacking on
+    "runtime": None,
+    "ort-defaults": {},  # arena on, prepacking on
     "no-arena": {"enable_cpu_mem_arena": False},
     "no-prepack": {"session.disable_prepacking": "1"},
     "init-device-alloc": {"session.use_device_allocator_for_initializers": "1"},
@@ -94,13 +94,16 @@ def load_runtime(scale: str, kind: str, memory: dict | None):
     return BlipRuntime(manifest, OrtSession(manifest, threads=THREADS, memory=memory))
 
 
+BEFORE = "ort-defaults"  # what the paired timing and the token check compare with
+
+
 def paired(scale: str, kind: str, option: str, rounds: int) -> dict:
-    """Decoder-step and end-to-end times of the default options and `option`, alternated in one process."""
+    """Decoder-step and end-to-end times of ONNX Runtime's defaults and `option`, alternated in one process."""
     from .cases import images
     from .contenders import StageClock
 
     imgs = images(1, seed=1)
-    runtimes = {name: load_runtime(scale, kind, OPTIONS[name]) for name in ("default", option)}
+    runtimes = {name: load_runtime(scale, kind, OPTIONS[name]) for name in (BEFORE, option)}
     clocks = {}
     for name, rt in runtimes.items():
         clocks[name] = clock = StageClock()
@@ -131,7 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--scale", default="base", choices=("base", "tiny"))
     p.add_argument("--kinds", default="fp32,int8-cpu")
     p.add_argument("--options", default=",".join(OPTIONS))
-    p.add_argument("--paired", default="", help="option to time against the default in one process")
+    p.add_argument("--paired", default="", help="option to time against ort-defaults in one process")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--child", nargs=2, metavar=("CONTENDER", "OPTION"), help=argparse.SUPPRESS)
     p.add_argument("--pair-child", nargs=2, metavar=("KIND", "OPTION"), help=argparse.SUPPRESS)
@@ -175,12 +178,12 @@ def report(result: dict) -> str:
              "RSS after load: resident set right after BlipRuntime / from_pretrained returns. Load peak: ru_maxrss at "
              "that moment (the most the load itself held). Then ru_maxrss after each case (the peak so far), and its "
              "ratio to transformers' at the end. First: load + the first caption (greedy). Tokens: every case's "
-             "tokens equal the default options' of the same bundle (fp32: also transformers').", "",
+             "tokens equal ONNX Runtime's defaults' (ort-defaults) of the same bundle (fp32: also transformers').", "",
              "| contender | options | load | first | RSS after load | load peak | "
              + " | ".join(f"peak after {c.name}" for c in CAPTION) + " | peak / transformers | tokens |",
              "|---|---|---:|---:|---:|---:|" + "---:|" * len(CAPTION) + "---:|---|"]
     tokens = lambda r: {k: v["tokens"] for k, v in r["cases"].items()}  # noqa: E731
-    default_tokens = {r["contender"]: tokens(r) for r in rows if r.get("option") == "default" and "cases" in r}
+    default_tokens = {r["contender"]: tokens(r) for r in rows if r.get("option") == BEFORE and "cases" in r}
     for r in rows:
         if "error" in r:
             lines.append(f"| ? | ? | failed: {r['error'][:200]} |" + " |" * (6 + len(CAPTION)))
@@ -198,12 +201,12 @@ def report(result: dict) -> str:
             lines += ["", f"Paired timing failed: {pair['error'][:300]}"]
             continue
         step, total = pair["step_seconds"], pair["total_seconds"]
-        ratio = [b / a for a, b in zip(step["default"], step[pair["option"]])]
-        lines += ["", f"Paired, {pair['kind']}: default and `{pair['option']}` loaded in one process, caption-greedy "
-                  f"alternated for {pair['rounds']} rounds after a warm-up round. Decoder step median: default "
-                  f"{_median(step['default']) * 1e3:.1f} ms, {pair['option']} {_median(step[pair['option']]) * 1e3:.1f} ms "
+        ratio = [b / a for a, b in zip(step[BEFORE], step[pair["option"]])]
+        lines += ["", f"Paired, {pair['kind']}: {BEFORE} and `{pair['option']}` loaded in one process, caption-greedy "
+                  f"alternated for {pair['rounds']} rounds after a warm-up round. Decoder step median: {BEFORE} "
+                  f"{_median(step[BEFORE]) * 1e3:.1f} ms, {pair['option']} {_median(step[pair['option']]) * 1e3:.1f} ms "
                   f"(per-round ratio median {_median(ratio):.2f}, range {min(ratio):.2f}–{max(ratio):.2f}); end to end "
-                  f"{_median(total['default']) * 1e3:.0f} ms vs {_median(total[pair['option']]) * 1e3:.0f} ms."]
+                  f"{_median(total[BEFORE]) * 1e3:.0f} ms vs {_median(total[pair['option']]) * 1e3:.0f} ms."]
     return "\n".join(lines) + "\n"
 
 
