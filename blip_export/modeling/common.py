@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 # Set by ort_attention() for the duration of an export: see there.
 _ORT_ATTENTION = [False]
@@ -168,3 +169,40 @@ def causal_padding_mask(attention_mask: torch.Tensor, num_queries: int, dtype: t
     k_pos = torch.arange(total, device=attention_mask.device)[None, :]  # (1, P+S)
     allowed = (k_pos <= q_pos)[None, None] & (attention_mask != 0)[:, None, None, :]  # (B, 1, S, P+S)
     return additive_mask(allowed, dtype)
+
+
+class ViTMLP(nn.Module):
+    """fc1 -> activation -> fc2, transformers' names (BLIP's and BLIP-2's ViT MLPs)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str):
+        super().__init__()
+        self.act = activation(hidden_act)
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class PreNormViTLayer(nn.Module):
+    """x + attn(LN1(x)), then + MLP(LN2(x)): one encoder layer of BLIP's and BLIP-2's ViTs, with
+    transformers' names (self_attn, layer_norm1, mlp, layer_norm2); the attention is the family's."""
+
+    def __init__(self, attention: nn.Module, cfg):
+        super().__init__()
+        self.self_attn = attention
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = ViTMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class ViTEncoder(nn.Module):
+    """`layers`, as transformers' BlipEncoder / Blip2Encoder hold them (the model runs them)."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..config import VisionConfig
-from ....modeling.common import MultiHeadAttention, activation, use_ort_attention
+from ....modeling.common import MultiHeadAttention, PreNormViTLayer, ViTEncoder, use_ort_attention
 
 
 class BlipVisionEmbeddings(nn.Module):
@@ -44,42 +44,12 @@ class BlipAttention(nn.Module):
         return self.projection(ctx.permute(0, 2, 1, 3).reshape(B, N, D))
 
 
-class BlipMLP(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.act = activation(cfg.hidden_act)
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class BlipEncoderLayer(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.self_attn = BlipAttention(cfg)
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = BlipMLP(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class BlipEncoder(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.layers = nn.ModuleList(BlipEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-
-
 class BlipVisionModel(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.config = cfg
         self.embeddings = BlipVisionEmbeddings(cfg)
-        self.encoder = BlipEncoder(cfg)
+        self.encoder = ViTEncoder(PreNormViTLayer(BlipAttention(cfg), cfg) for _ in range(cfg.num_hidden_layers))
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

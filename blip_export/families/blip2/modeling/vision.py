@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ....modeling.common import activation
+from ....modeling.common import PreNormViTLayer, ViTEncoder
 from ..config import Blip2VisionConfig
 
 
@@ -57,42 +57,12 @@ class Blip2Attention(nn.Module):
         return self.projection(ctx.transpose(1, 2).reshape(B, N, D))
 
 
-class Blip2MLP(nn.Module):
-    def __init__(self, cfg: Blip2VisionConfig):
-        super().__init__()
-        self.act = activation(cfg.hidden_act)
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class Blip2EncoderLayer(nn.Module):
-    def __init__(self, cfg: Blip2VisionConfig):
-        super().__init__()
-        self.self_attn = Blip2Attention(cfg)
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = Blip2MLP(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class Blip2Encoder(nn.Module):
-    def __init__(self, cfg: Blip2VisionConfig):
-        super().__init__()
-        self.layers = nn.ModuleList(Blip2EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-
-
 class Blip2VisionModel(nn.Module):
     def __init__(self, cfg: Blip2VisionConfig):
         super().__init__()
         self.config = cfg
         self.embeddings = Blip2VisionEmbeddings(cfg)
-        self.encoder = Blip2Encoder(cfg)
+        self.encoder = ViTEncoder(PreNormViTLayer(Blip2Attention(cfg), cfg) for _ in range(cfg.num_hidden_layers))
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
