@@ -76,10 +76,11 @@ class OrtSession:
 # Keys: SessionOptions attributes, or ONNX Runtime session config entries (with a dot).
 # Measured, BLIP-base fp32 caption bundle, greedy + 3 beams + batch 8 once each, peak RSS: ONNX
 # Runtime's defaults 2629 MB, without the CPU arena 2110 MB (the arena keeps every block the batch-8
-# vision graph grew it to: 2629 MB still resident after the run against 1259 MB without it), without
-# the arena and prepacking 2001 MB (prepacked copies of the MatMul weights: 1196 -> 1040 MB after
-# load); transformers 1848 MB on the same run. Tokens unchanged.
-MEMORY_OPTIONS: dict = {"enable_cpu_mem_arena": False, "session.disable_prepacking": "1"}
+# vision graph grew it to: 2629 MB still resident after the run against 1259 MB without it);
+# transformers 1848 MB on the same run. Tokens unchanged. Prepacking stays on: without it fp32 saves
+# another 156 MB after load, but int8-cpu's MatMulNBits decoder step falls to a slow path (a 20-token
+# caption 44 s against seconds on the same loaded machine).
+MEMORY_OPTIONS: dict = {"enable_cpu_mem_arena": False}
 
 
 def _apply_memory(opts, options: dict) -> None:
