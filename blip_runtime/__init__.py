@@ -3,8 +3,9 @@
 Never imports torch: it runs on devices where torch is not installed.
 """
 
+from .generated import Generated
 from .options import GenerationOptions
 from .manifest import BundleError
 from .runtime import BlipRuntime
 
-__all__ = ["BlipRuntime", "BundleError", "GenerationOptions"]
+__all__ = ["BlipRuntime", "BundleError", "GenerationOptions", "Generated"]

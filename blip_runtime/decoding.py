@@ -191,12 +191,16 @@ class GreedyDecoder:
         self.rngs = _generators(options, requests)
         self.lengths = np.full(rows, options.max_new_tokens, dtype=np.int64)  # final length of each row
         self.running = np.ones(rows, dtype=bool)
+        self.scores = np.zeros(rows, dtype=np.float32)  # [N] sum of the chosen tokens' log-probs
 
     def update(self, tokens: np.ndarray, logits: np.ndarray) -> Step:
         scores = logits.astype(np.float32, copy=True)
         for f in self.filters:
             f.apply(scores, tokens)
         next_tokens = _sample(_softmax(scores), self.rngs) if self.rngs is not None else scores.argmax(axis=1)
+        # log-probs after the filters, as compute_transition_scores(normalize_logits=True); none after EOS
+        chosen = np.take_along_axis(_log_softmax(scores), next_tokens[:, None].astype(np.int64), 1)[:, 0]
+        self.scores += np.where(self.running, chosen, np.float32(0.0))
         next_tokens = np.where(self.running, next_tokens, self.options.pad_token_id).astype(np.int64)
         generated = tokens.shape[1] + 1 - self.prompt_length
         ended = self.running & np.isin(next_tokens, self.options.eos_ids)
@@ -307,6 +311,7 @@ class BeamSearchDecoder:
     def finalize(self, tokens: np.ndarray) -> list[list[int]]:
         """The best num_return_sequences hypotheses of each request, best first, EOS included."""
         n = self.options.num_return_sequences
+        self.scores = self.hyp_scores[:, :n].reshape(-1)  # [B * n] transformers' sequences_scores
         return [self.hyp_tokens[i, j, : self.hyp_lengths[i, j]].tolist()
                 for i in range(len(self.hyp_tokens)) for j in range(n)]
 
@@ -344,7 +349,9 @@ class DecodingTask:
                 tokens, mask = tokens[step.source_indices], mask[step.source_indices]
             tokens = np.concatenate([tokens, step.next_tokens[:, None]], axis=1)
             if step.done:
-                return decoder.finalize(tokens)
+                sequences = decoder.finalize(tokens)
+                self.scores = decoder.scores  # float32 [B * num_return_sequences], as the sequences
+                return sequences
             if step.source_indices is not None:
                 self.inference.rearrange(step.source_indices)
             mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)
@@ -361,6 +368,17 @@ def generate(inference: Inference, input_ids: np.ndarray, attention_mask: np.nda
     without the prompt, ending with the EOS token when one was generated, never padded.
     """
     return DecodingTask(inference, options).run(input_ids, attention_mask)
+
+
+def generate_scored(inference: Inference, input_ids: np.ndarray, attention_mask: np.ndarray,
+                    options: GenerationOptions) -> tuple[list[list[int]], np.ndarray]:
+    """As `generate`, with each returned sequence's score, float32 [B * num_return_sequences]:
+    beam search: transformers' `sequences_scores`, sum of log-probs / generated_length ** length_penalty;
+    greedy and sampling: the sum of the generated tokens' log-probs (EOS included) after the logit
+    filters, i.e. `compute_transition_scores(sequences, scores, normalize_logits=True).sum(-1)` for the
+    request generated alone (in a batch, transformers also adds the log-probs of the pads after EOS)."""
+    task = DecodingTask(inference, options)
+    return task.run(input_ids, attention_mask), task.scores
 
 
 def prompt_position_ids(attention_mask: np.ndarray) -> np.ndarray:

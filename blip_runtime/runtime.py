@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .generated import Generated
 from .image import ImageSettings, preprocess
 from .manifest import BundleError, Manifest, load_manifest
-from .options import GenerationOptions
+from .options import GenerationOptions, _is_bool
 from .session import OrtSession, Session
 from .text import TextTokenizer, check_text
 
@@ -50,6 +51,12 @@ def _texts(texts, what: str, n: int | None = None) -> list[str]:
     if n is not None and len(texts) != n:
         raise ValueError(f"{what}: got {len(texts)} for {n} image(s); give one per image or a single string")
     return texts
+
+
+def _check_return_scores(value) -> None:
+    """Checked before any work: a wrong flag fails at once, not after generation."""
+    if not _is_bool(value):
+        raise ValueError(f"return_scores={value!r} ({type(value).__name__}): expected True or False")
 
 
 def _grouped(items: list, n: int) -> list:
@@ -158,6 +165,14 @@ class BlipRuntime:
         if n == 1:
             return self.tokenizer.batch_decode(groups)
         return [self.tokenizer.batch_decode(g) for g in groups]
+
+    def _results(self, sequences: list[list[int]], scores: np.ndarray, n: int, return_scores: bool) -> list:
+        """sequences: B * n token lists, request-major; scores: float32 [B * n]. The *_tokens result (B
+        lists, or B lists of n when n > 1); with return_scores, a Generated per sequence instead."""
+        if not return_scores:
+            return _grouped(sequences, n)
+        texts = self._decode_text(sequences, 1)
+        return _grouped([Generated(t, s, float(x)) for t, s, x in zip(texts, sequences, scores)], n)
 
     def _sequences(self, generation: dict) -> int:
         """num_return_sequences as the options will have it (the bundle may set a default)."""

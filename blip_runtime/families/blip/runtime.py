@@ -12,10 +12,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ...decoding import generate
+from ...decoding import generate_scored
 from ...manifest import BundleError, Manifest
 from ...options import GenerationOptions, _is_int
-from ...runtime import BlipRuntime, _as_list, _grouped, _texts
+from ...runtime import BlipRuntime, _as_list, _check_return_scores, _texts
 from ...session import Session
 from .text import check_bert_specials, prompt_rows
 
@@ -121,22 +121,28 @@ class BlipFamilyRuntime(BlipRuntime):
             + (" or a shorter prompt" if longest > 1 else "")
         )
 
-    def _decode(self, encoder_states, encoder_mask, prompt_ids, prompt_mask, options) -> list[list[int]]:
+    def _decode(self, encoder_states, encoder_mask, prompt_ids, prompt_mask, options) -> tuple[list, np.ndarray]:
+        """(generated ids per row, request-major; their scores float32 [rows], see Generated.score)"""
         cross = self.session.run("cross_kv", {"encoder_states": encoder_states}, keep=("cross_*",))
         inference = DecoderInference(self.session, self.manifest, cross, encoder_mask.astype(np.int64))
-        return generate(inference, prompt_ids, prompt_mask, options)
+        return generate_scored(inference, prompt_ids, prompt_mask, options)
 
     # -- tasks ------------------------------------------------------------------------------
-    def caption(self, images, prompt: str | Sequence[str] | None = None, **generation) -> list[str] | list[list[str]]:
+    def caption(self, images, prompt: str | Sequence[str] | None = None, *, return_scores: bool = False,
+                **generation) -> list:
         """Captions, one per image; with a prompt, the caption continues it (and includes it, as
         transformers' decode of the generated sequence does). With num_return_sequences=n > 1: one
-        list of n captions per image, best first."""
-        tokens = self.caption_tokens(images, prompt, **generation)
-        return self._decode_text(tokens, self._sequences(generation))
+        list of n captions per image, best first. return_scores=True: a Generated (text, tokens,
+        score) in place of each caption."""
+        tokens = self.caption_tokens(images, prompt, return_scores=return_scores, **generation)
+        return tokens if return_scores else self._decode_text(tokens, self._sequences(generation))
 
-    def caption_tokens(self, images, prompt: str | Sequence[str] | None = None, **generation) -> list:
+    def caption_tokens(self, images, prompt: str | Sequence[str] | None = None, *, return_scores: bool = False,
+                       **generation) -> list:
         """Token ids per image: [DEC], the prompt's tokens, the generated tokens (with [SEP] if reached);
-        with num_return_sequences=n > 1, one list of n such sequences per image."""
+        with num_return_sequences=n > 1, one list of n such sequences per image. return_scores=True:
+        a Generated in place of each sequence."""
+        _check_return_scores(return_scores)
         self._need("caption")
         images = _as_list(images)
         bos = self.special["bos_token_id"]
@@ -150,19 +156,22 @@ class BlipFamilyRuntime(BlipRuntime):
         self._check_positions(prompt_ids.shape[1], options)
         embeds = self.vision(images)["image_embeds"]
         enc_mask = np.ones(embeds.shape[:2], np.int64)
-        generated = self._decode(embeds, enc_mask, prompt_ids, prompt_mask, options)
+        generated, scores = self._decode(embeds, enc_mask, prompt_ids, prompt_mask, options)
         n = options.num_return_sequences
-        return _grouped([rows[i // n] + g for i, g in enumerate(generated)], n)
+        return self._results([rows[i // n] + g for i, g in enumerate(generated)], scores, n, return_scores)
 
-    def answer(self, images, questions: str | Sequence[str], **generation) -> list[str] | list[list[str]]:
+    def answer(self, images, questions: str | Sequence[str], *, return_scores: bool = False, **generation) -> list:
         """Answers, one per image/question pair; with num_return_sequences=n > 1, one list of n
-        answers per pair, best first."""
-        tokens = self.answer_tokens(images, questions, **generation)
-        return self._decode_text(tokens, self._sequences(generation))
+        answers per pair, best first. return_scores=True: a Generated in place of each answer."""
+        tokens = self.answer_tokens(images, questions, return_scores=return_scores, **generation)
+        return tokens if return_scores else self._decode_text(tokens, self._sequences(generation))
 
-    def answer_tokens(self, images, questions: str | Sequence[str], **generation) -> list:
+    def answer_tokens(self, images, questions: str | Sequence[str], *, return_scores: bool = False,
+                      **generation) -> list:
         """Token ids per pair: [DEC] and the generated answer (with [SEP] if reached); with
-        num_return_sequences=n > 1, one list of n such sequences per pair."""
+        num_return_sequences=n > 1, one list of n such sequences per pair. return_scores=True: a
+        Generated in place of each sequence."""
+        _check_return_scores(return_scores)
         self._need("vqa")
         images = _as_list(images)
         questions = _texts(questions, "questions", len(images))
@@ -172,8 +181,9 @@ class BlipFamilyRuntime(BlipRuntime):
         embeds = self.vision(images)["image_embeds"]
         ids, mask = self.tokenizer.encode(questions)
         states = self.session.run("text_encoder", {"input_ids": ids, "attention_mask": mask, "image_embeds": embeds})
-        generated = self._decode(states["question_states"], mask, bos, np.ones_like(bos), options)
-        return _grouped([[int(bos[0, 0])] + g for g in generated], options.num_return_sequences)
+        generated, scores = self._decode(states["question_states"], mask, bos, np.ones_like(bos), options)
+        sequences = [[int(bos[0, 0])] + g for g in generated]
+        return self._results(sequences, scores, options.num_return_sequences, return_scores)
 
     def match(self, images, texts: str | Sequence[str]) -> np.ndarray:
         """ITM: probability float32 [B] that image i matches text i."""

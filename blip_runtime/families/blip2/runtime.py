@@ -18,10 +18,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ...decoding import generate
+from ...decoding import generate_scored
 from ...manifest import BundleError, Manifest
 from ...options import GenerationOptions, _is_int
-from ...runtime import BlipRuntime, _as_list, _grouped, _texts
+from ...runtime import BlipRuntime, _as_list, _check_return_scores, _texts
 from ...session import Session
 from .inference import OptInference, T5Inference
 from .processor import Blip2TextProcessor
@@ -104,8 +104,10 @@ class Blip2FamilyRuntime(BlipRuntime):
             text_rows = [t.encode([s], image_tokens=False)[0][0].tolist() for s in (texts or [""] * n)]
         return [[d.image_token_id] * d.num_query_tokens + r for r in text_rows]
 
-    def _generate(self, images, texts: list[str] | None, generation: dict) -> tuple[list, list[list[int]], int]:
-        """(generated ids per row, request-major; the prompt rows; num_return_sequences)."""
+    def _generate(self, images, texts: list[str] | None,
+                  generation: dict) -> tuple[list, list[list[int]], int, np.ndarray]:
+        """(generated ids per row, request-major; the prompt rows; num_return_sequences; the rows' scores
+        float32 [rows], see Generated.score)."""
         self._need("generate")
         images = _as_list(images)
         rows = self._rows(texts, len(images))
@@ -118,8 +120,9 @@ class Blip2FamilyRuntime(BlipRuntime):
         states = self.session.run("t5_encoder", {"input_ids": ids, "image_prefix": prefix, "attention_mask": mask})
         cross = self.session.run("t5_cross_kv", {"encoder_states": states["encoder_states"]}, keep=("cross_*",))
         first = np.full((len(rows), 1), start, np.int64)
-        generated = generate(T5Inference(self.session, self.dims, cross, mask), first, np.ones_like(first), options)
-        return generated, rows, options.num_return_sequences
+        inference = T5Inference(self.session, self.dims, cross, mask)
+        generated, scores = generate_scored(inference, first, np.ones_like(first), options)
+        return generated, rows, options.num_return_sequences, scores
 
     def _generate_opt(self, images: list, rows: list[list[int]], generation: dict):
         """OPT: requests whose options agree decode together. A bundle default of max_length / min_length
@@ -134,54 +137,64 @@ class Blip2FamilyRuntime(BlipRuntime):
             chosen[repr(options)] = options
         prefix = self.qformer(images)["image_prefix"]  # [B, Q, D]
         out: list = [None] * len(rows)
+        out_scores: list = [None] * len(rows)
         for key, members in groups.items():
             options = chosen[key]
             ids, mask = self._pad([rows[i] for i in members])
-            generated = generate(OptInference(self.session, prefix[members]), ids, mask, options)
+            generated, scores = generate_scored(OptInference(self.session, prefix[members]), ids, mask, options)
             n = options.num_return_sequences
             for j, i in enumerate(members):
-                out[i] = generated[j * n : (j + 1) * n]
-        return [g for per_request in out for g in per_request], rows, options.num_return_sequences
+                out[i], out_scores[i] = generated[j * n : (j + 1) * n], scores[j * n : (j + 1) * n]
+        return ([g for per_request in out for g in per_request], rows, options.num_return_sequences,
+                np.concatenate(out_scores))
 
     def _text_part(self, row: list[int]) -> list[int]:
         return row[self.dims.num_query_tokens:]
 
     # -- generation tasks -------------------------------------------------------------------
-    def caption(self, images, prompt: str | Sequence[str] | None = None, **generation) -> list[str] | list[list[str]]:
+    def caption(self, images, prompt: str | Sequence[str] | None = None, *, return_scores: bool = False,
+                **generation) -> list:
         """Captions, one per image (OPT: the prompt and its continuation, as transformers decodes
-        OPT's output; T5: the generated text). With num_return_sequences=n > 1: one list of n per image."""
-        tokens = self.caption_tokens(images, prompt, **generation)
-        return self._decode_text(tokens, self._sequences(generation))
+        OPT's output; T5: the generated text). With num_return_sequences=n > 1: one list of n per image.
+        return_scores=True: a Generated (text, tokens, score) in place of each caption."""
+        tokens = self.caption_tokens(images, prompt, return_scores=return_scores, **generation)
+        return tokens if return_scores else self._decode_text(tokens, self._sequences(generation))
 
-    def caption_tokens(self, images, prompt: str | Sequence[str] | None = None, **generation) -> list:
+    def caption_tokens(self, images, prompt: str | Sequence[str] | None = None, *, return_scores: bool = False,
+                       **generation) -> list:
         """Token ids per image, as transformers' generate returns them without the image tokens and pads:
         OPT the prompt's ids (bos first) then the generated ones, T5 decoder_start_token_id then the
-        generated ones; EOS included when reached. num_return_sequences=n > 1: one list of n per image."""
+        generated ones; EOS included when reached. num_return_sequences=n > 1: one list of n per image.
+        return_scores=True: a Generated in place of each sequence."""
+        _check_return_scores(return_scores)
         n_images = len(_as_list(images))
         texts = None if prompt is None else _texts(prompt, "prompt", n_images)
-        generated, rows, n = self._generate(images, texts, generation)
-        return _grouped([self._lead(rows[i // n]) + g for i, g in enumerate(generated)], n)
+        generated, rows, n, scores = self._generate(images, texts, generation)
+        return self._results([self._lead(rows[i // n]) + g for i, g in enumerate(generated)], scores, n, return_scores)
 
     def _lead(self, row: list[int]) -> list[int]:
         """What transformers puts before the generated tokens: OPT's prompt, T5's start token."""
         return self._text_part(row) if self.dims.lm == "opt" else [self.special["decoder_start_token_id"]]
 
-    def answer(self, images, questions: str | Sequence[str], template: str = "Question: {} Answer:",
-               **generation) -> list[str] | list[list[str]]:
+    def answer(self, images, questions: str | Sequence[str], template: str = "Question: {} Answer:", *,
+               return_scores: bool = False, **generation) -> list:
         """Answers (the generated text only), one per image/question pair; the question goes into
-        `template` at its "{}". num_return_sequences=n > 1: one list of n per pair."""
-        tokens = self.answer_tokens(images, questions, template, **generation)
-        return self._decode_text(tokens, self._sequences(generation))
+        `template` at its "{}". num_return_sequences=n > 1: one list of n per pair. return_scores=True:
+        a Generated (text, tokens, score) in place of each answer."""
+        tokens = self.answer_tokens(images, questions, template, return_scores=return_scores, **generation)
+        return tokens if return_scores else self._decode_text(tokens, self._sequences(generation))
 
-    def answer_tokens(self, images, questions: str | Sequence[str], template: str = "Question: {} Answer:",
-                      **generation) -> list:
-        """Generated ids per pair (EOS included when reached; T5: decoder_start_token_id first)."""
+    def answer_tokens(self, images, questions: str | Sequence[str], template: str = "Question: {} Answer:", *,
+                      return_scores: bool = False, **generation) -> list:
+        """Generated ids per pair (EOS included when reached; T5: decoder_start_token_id first).
+        return_scores=True: a Generated in place of each sequence."""
+        _check_return_scores(return_scores)
         if not isinstance(template, str) or template.count("{}") != 1:
             raise ValueError(f"template={template!r}: expected a str with one '{{}}' where the question goes")
         questions = _texts(questions, "questions", len(_as_list(images)))
-        generated, _, n = self._generate(images, [template.format(q) for q in questions], generation)
+        generated, _, n, scores = self._generate(images, [template.format(q) for q in questions], generation)
         lead = [] if self.dims.lm == "opt" else [self.special["decoder_start_token_id"]]
-        return _grouped([lead + g for g in generated], n)
+        return self._results([lead + g for g in generated], scores, n, return_scores)
 
     # -- matching and features --------------------------------------------------------------
     def match(self, images, texts: str | Sequence[str]) -> np.ndarray:
