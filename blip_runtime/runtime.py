@@ -20,7 +20,7 @@ import numpy as np
 from .generated import Generated
 from .image import ImageSettings, preprocess
 from .manifest import BundleError, Manifest, load_manifest
-from .options import GenerationOptions, _is_bool
+from .options import GenerationOptions, _is_bool, _is_int
 from .session import OrtSession, Session
 from .text import TextTokenizer, check_text
 
@@ -31,6 +31,13 @@ def _as_list(images) -> list:
             raise ValueError("images: expected at least one image")
         return list(images)
     return [images]
+
+
+def match_probability(itm_logits: np.ndarray) -> np.ndarray:
+    """ITM logits float32 [B, 2] -> p(match) float32 [B]: softmax in float64, class 1."""
+    z = itm_logits.astype(np.float64)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    return (p[:, 1] / p.sum(axis=1)).astype(np.float32)
 
 
 def _texts(texts, what: str, n: int | None = None) -> list[str]:
@@ -120,6 +127,17 @@ class BlipRuntime:
                 f"{self.manifest.folder}: this bundle does the tasks {self.manifest.tasks}, not {task!r}; "
                 "export a checkpoint that has it"
             )
+
+    def retrieve(self, images, texts, batch_size: int = 16) -> np.ndarray:
+        """Similarity [I, T] of every image with every text (a single string is one text), features
+        computed in batches of batch_size through the family's image_features / text_features /
+        similarity."""
+        if not _is_int(batch_size) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
+        images, texts = _as_list(images), _texts(texts, "texts")
+        img = np.concatenate([self.image_features(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+        txt = np.concatenate([self.text_features(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
+        return self.similarity(img, txt)
 
     # -- stages -----------------------------------------------------------------------------
     def pixels(self, images) -> np.ndarray:

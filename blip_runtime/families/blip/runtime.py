@@ -14,8 +14,8 @@ import numpy as np
 
 from ...decoding import generate_scored
 from ...manifest import BundleError, Manifest
-from ...options import GenerationOptions, _is_int
-from ...runtime import BlipRuntime, _as_list, _check_return_scores, _texts
+from ...options import GenerationOptions
+from ...runtime import BlipRuntime, _as_list, _check_return_scores, _texts, match_probability
 from ...session import Session
 from .text import check_bert_specials, prompt_rows
 
@@ -192,9 +192,7 @@ class BlipFamilyRuntime(BlipRuntime):
         embeds = self.vision(images)["image_embeds"]
         ids, mask = self.tokenizer.encode(_texts(texts, "texts", len(images)))
         logits = self.session.run("itm", {"input_ids": ids, "attention_mask": mask, "image_embeds": embeds})
-        z = logits["itm_logits"].astype(np.float64)
-        p = np.exp(z - z.max(axis=1, keepdims=True))
-        return (p[:, 1] / p.sum(axis=1)).astype(np.float32)
+        return match_probability(logits["itm_logits"])
 
     def image_features(self, images) -> np.ndarray:
         """ITC image features, L2-normalized: float32 [B, E]."""
@@ -211,13 +209,3 @@ class BlipFamilyRuntime(BlipRuntime):
     def similarity(image_features: np.ndarray, text_features: np.ndarray) -> np.ndarray:
         """Cosine similarity float32 [I, T] between normalized features; rank with argsort."""
         return image_features @ text_features.T
-
-    def retrieve(self, images, texts: str | Sequence[str], batch_size: int = 16) -> np.ndarray:
-        """Similarity [I, T] of every image with every text (a single string is one text), features
-        computed in batches of batch_size."""
-        if not _is_int(batch_size) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
-        images, texts = _as_list(images), _texts(texts, "texts")
-        img = np.concatenate([self.image_features(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
-        txt = np.concatenate([self.text_features(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
-        return self.similarity(img, txt)

@@ -20,8 +20,8 @@ import numpy as np
 
 from ...decoding import generate_scored
 from ...manifest import BundleError, Manifest
-from ...options import GenerationOptions, _is_int
-from ...runtime import BlipRuntime, _as_list, _check_return_scores, _texts
+from ...options import GenerationOptions
+from ...runtime import BlipRuntime, _as_list, _check_return_scores, _texts, match_probability
 from ...session import Session
 from .inference import OptInference, T5Inference
 from .processor import Blip2TextProcessor
@@ -203,10 +203,8 @@ class Blip2FamilyRuntime(BlipRuntime):
         images = _as_list(images)
         ids, mask = self.tokenizer.encode(_texts(texts, "texts", len(images)))
         embeds = self.vision(images)["image_embeds"]
-        z = self.session.run("itm", {"image_embeds": embeds, "input_ids": ids, "attention_mask": mask})
-        z = z["itm_logits"].astype(np.float64)
-        p = np.exp(z - z.max(axis=1, keepdims=True))
-        return (p[:, 1] / p.sum(axis=1)).astype(np.float32)
+        logits = self.session.run("itm", {"image_embeds": embeds, "input_ids": ids, "attention_mask": mask})
+        return match_probability(logits["itm_logits"])
 
     def image_features(self, images) -> np.ndarray:
         """ITC image features, one per query, L2-normalized: float32 [B, Q, E]."""
@@ -231,12 +229,3 @@ class Blip2FamilyRuntime(BlipRuntime):
         if img.ndim == 2:
             return img @ text_features.T
         return np.einsum("iqe,te->iqt", img, text_features).max(axis=1)
-
-    def retrieve(self, images, texts: str | Sequence[str], batch_size: int = 16) -> np.ndarray:
-        """Similarity [I, T] of every image with every text, features computed in batches of batch_size."""
-        if not _is_int(batch_size) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
-        images, texts = _as_list(images), _texts(texts, "texts")
-        img = np.concatenate([self.image_features(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
-        txt = np.concatenate([self.text_features(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
-        return self.similarity(img, txt)
