@@ -24,23 +24,11 @@ serve = pytest.importorskip("ray.serve")
 requests = pytest.importorskip("requests")
 from PIL import Image  # noqa: E402
 
-from blip_export.defaults import default_models, sample_images  # noqa: E402
-from blip_export.pipeline import export  # noqa: E402
+from blip_export.defaults import sample_images  # noqa: E402
 from blip_runtime import BlipRuntime  # noqa: E402
+from serve_bundles import shared_bundles  # noqa: E402
 
 KEY = "test-secret"
-
-
-def shared_bundles(tmp_path_factory) -> dict:
-    """The embedded models exported once per test session (every serve test module shares them)."""
-    root = tmp_path_factory.getbasetemp() / "serve_bundles"
-    out = {}
-    for name, folder in default_models().items():
-        dest = root / name.split("-", 1)[1]  # caption, vqa, itm: the model names on the server
-        if not (dest / "manifest.json").is_file():
-            export(folder, dest)
-        out[dest.name] = dest
-    return out
 
 
 def free_port() -> int:

@@ -22,9 +22,8 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 easy_vqa = pytest.importorskip("easy_vqa")
 
-from blip_export.defaults import default_models  # noqa: E402
-from blip_export.pipeline import export  # noqa: E402
 from blip_runtime import BlipRuntime  # noqa: E402
+from serve_bundles import shared_bundles  # noqa: E402
 from blip_serve.capfilt import (DEFAULT_THRESHOLD, CapFiltConfig, choose_threshold, read_listing,  # noqa: E402
                                 read_output, run_capfilt)
 
@@ -34,18 +33,6 @@ from data import caption_correct, load_split  # noqa: E402
 
 TRAIN_IMAGES = 400  # threshold measurement
 TEST_IMAGES = 200  # precision / recall
-
-
-def shared_bundles(tmp_path_factory) -> dict:
-    """The embedded models exported once per test session (every serve test module shares them)."""
-    root = tmp_path_factory.getbasetemp() / "serve_bundles"
-    out = {}
-    for name, folder in default_models().items():
-        dest = root / name.split("-", 1)[1]
-        if not (dest / "manifest.json").is_file():
-            export(folder, dest)
-        out[dest.name] = dest
-    return out
 
 
 def web_texts(split, indices, seed: int) -> tuple[list[str], list[bool]]:

@@ -18,25 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from blip_export.defaults import default_models, sample_images
-from blip_export.pipeline import export
+from blip_export.defaults import sample_images
 from blip_runtime import BlipRuntime
+from serve_bundles import shared_bundles
 from blip_serve.batching import Failed, run_calls
 from blip_serve.inputs import Call
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def shared_bundles(tmp_path_factory) -> dict:
-    """The embedded models exported once per test session (every serve test module shares them)."""
-    root = tmp_path_factory.getbasetemp() / "serve_bundles"
-    out = {}
-    for name, folder in default_models().items():
-        dest = root / name.split("-", 1)[1]
-        if not (dest / "manifest.json").is_file():
-            export(folder, dest)
-        out[dest.name] = dest
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -22,26 +22,14 @@ import pytest
 
 httpclient = pytest.importorskip("tritonclient.http")
 
-from blip_export.defaults import default_models, sample_images  # noqa: E402
-from blip_export.pipeline import export  # noqa: E402
+from blip_export.defaults import sample_images  # noqa: E402
 from blip_runtime import BlipRuntime  # noqa: E402
+from serve_bundles import shared_bundles  # noqa: E402
 from blip_serve.triton import write_triton_repo  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = ROOT / ".venv-triton"
 REQUIREMENTS = ["nvidia-pytriton", "numpy<2", "pillow", "tokenizers", "onnxruntime", "tqdm"]
-
-
-def shared_bundles(tmp_path_factory) -> dict:
-    """The embedded models exported once per test session (every serve test module shares them)."""
-    root = tmp_path_factory.getbasetemp() / "serve_bundles"
-    out = {}
-    for name, folder in default_models().items():
-        dest = root / name.split("-", 1)[1]
-        if not (dest / "manifest.json").is_file():
-            export(folder, dest)
-        out[dest.name] = dest
-    return out
 
 
 def triton_venv() -> tuple[Path, Path]:
