@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["image_processor_config"]
+__all__ = ["image_processor_config", "read_json_object"]
 
 NESTED = "processor_config.json"  # {"image_processor": {...}, "processor_class": ...}
 FLAT = "preprocessor_config.json"  # the image processor's dict itself
 
 
-def _read_object(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A JSON object file, or ValueError naming the file (not UTF-8, not JSON, not an object)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
@@ -38,7 +39,7 @@ def image_processor_config(folder: Path) -> tuple[dict | None, Path | None]:
     folder = Path(folder)
     nested = folder / NESTED
     if nested.is_file():
-        data = _read_object(nested)
+        data = read_json_object(nested)
         if "image_processor" in data:
             image = data["image_processor"]
             if not isinstance(image, dict):
@@ -46,5 +47,5 @@ def image_processor_config(folder: Path) -> tuple[dict | None, Path | None]:
             return image, nested
     flat = folder / FLAT
     if flat.is_file():
-        return _read_object(flat), flat
+        return read_json_object(flat), flat
     return None, None

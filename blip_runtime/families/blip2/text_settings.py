@@ -10,9 +10,10 @@ transformers 5 writes no `special_tokens_map.json`; hub checkpoints written by 4
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from ...processor_config import read_json_object
 
 # tokenizer_config.json's `tokenizer_class` -> the tokenizers model it must wrap. Classes not listed
 # (TokenizersBackend, PreTrainedTokenizerFast) run whatever tokenizer.json holds.
@@ -21,18 +22,6 @@ CLASS_MODEL = {
     "T5Tokenizer": "Unigram", "T5TokenizerFast": "Unigram",  # Flan-T5: SentencePiece Unigram, "</s>" appended
 }
 NAMED_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
-
-
-def read_json_object(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _token_content(value, where: str) -> str | None:
