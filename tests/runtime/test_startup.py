@@ -7,6 +7,7 @@ actually hashed, so a stamp that never skips or never re-hashes fails.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -110,6 +111,37 @@ def test_load_verifies_with_the_stamp_and_refuses_a_changed_file(fresh):
     (folder / "tokenizer.json").write_text((folder / "tokenizer.json").read_text() + " ")
     with pytest.raises(BundleError, match="tokenizer.json: SHA-256"):
         BlipRuntime.load(folder)
+
+
+def test_full_catches_a_change_the_stamp_cannot_see(fresh):
+    """Content changed under a stamp that still matches it (a disk that flips a bit moves no
+    metadata; simulated by a changed byte, the old mtime put back and the stamp rewritten to the file's
+    new ctime): load(verify="stamp") trusts the stamp, load(verify="full") hashes and refuses."""
+    folder, hashed = fresh
+    BlipRuntime.load(folder, verify="full")
+    target = folder / "cross_kv.onnx"
+    st = target.stat()
+    data = bytearray(target.read_bytes())
+    data[len(data) // 3] ^= 0x10
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    stamp = json.loads(stamp_path(folder).read_text())
+    now = target.stat()
+    assert (now.st_size, now.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    stamp[target.name] = [stamp[target.name][0], now.st_size, now.st_mtime_ns, now.st_ctime_ns, now.st_ino, now.st_dev]
+    stamp_path(folder).write_text(json.dumps(stamp))
+    hashed.clear()
+    manifest_module.load_manifest(folder).verify_files("stamp")
+    assert hashed == [], "the stamp matches: stamp mode hashes nothing"
+    with pytest.raises(BundleError, match="cross_kv.onnx: SHA-256"):
+        BlipRuntime.load(folder, verify="full")
+    assert "cross_kv.onnx" in hashed, "full mode hashed the file"
+
+
+@pytest.mark.parametrize("verify", ["quick", 1, None])
+def test_load_bad_verify_is_one_clear_line(fresh, verify):
+    with pytest.raises(ValueError, match=r"verify: expected 'full', 'stamp' or False, got "):
+        BlipRuntime.load(fresh[0], verify=verify)
 
 
 def test_unwritable_stamp_folder_still_verifies(fresh, monkeypatch, tmp_path):
