@@ -60,13 +60,15 @@ class StageClock:
 
 class BundleContender:
     """BlipRuntime over one cached bundle kind: ONNX Runtime on the CPU with THREADS threads (fp32,
-    int8 (the Q/DQ form, models.FORM), int8-cpu, fp16), or TensorRT engines (trt-fp16, trt-int8). TensorRT runs asynchronously,
-    so its stage times are launch times; its end-to-end times are exact (logits come to the host
-    every step)."""
+    int8 as `--precision int8` resolves, int8-cpu, int8-qdq, fp16), or TensorRT engines (trt-fp16,
+    trt-int8). TensorRT runs asynchronously, so its stage times are launch times; its end-to-end
+    times are exact (logits come to the host every step). `load` reports the bundle's form (its
+    manifest's precision), so a row named for "int8" says which form it timed."""
 
     def __init__(self, kind: str):
         self.kind = kind
-        self.needs = [kind.removeprefix("trt-"), kind] if kind.startswith("trt-") else [kind]  # bundles to build
+        source = models.TRT_SOURCE.get(kind)
+        self.needs = [source, kind] if source else [kind]  # bundles to build, sources first
         self.clock = StageClock()
 
     def unavailable(self, scale: str, model: str) -> str | None:
@@ -81,7 +83,8 @@ class BundleContender:
 
         self.rt = BlipRuntime.load(models.bundle(scale, model, self.kind), threads=THREADS)
         self._wrap()
-        return {"onnxruntime": onnxruntime.__version__, "threads": THREADS, "session": type(self.rt.session).__name__}
+        return {"onnxruntime": onnxruntime.__version__, "threads": THREADS, "session": type(self.rt.session).__name__,
+                "kind": self.kind, "form": self.rt.manifest.data.get("precision", "fp32")}
 
     def _wrap(self) -> None:
         session = self.rt.session
@@ -145,7 +148,8 @@ class OvContender(BundleContender):
         manifest.verify_files()
         self.rt = BlipRuntime(manifest, OvSession(manifest))
         self._wrap()
-        return {"openvino": openvino.__version__, "threads": THREADS, "session": "OvSession"}
+        return {"openvino": openvino.__version__, "threads": THREADS, "session": "OvSession", "kind": self.kind,
+                "form": manifest.data.get("precision", "fp32")}
 
 
 class TransformersContender:
@@ -193,8 +197,10 @@ class TransformersContender:
 CONTENDERS = {
     "transformers": TransformersContender,
     "ort-fp32": lambda: BundleContender("fp32"),
-    "ort-int8": lambda: BundleContender("int8"),  # Q/DQ (blip-export --precision int8-qdq)
+    # int8 as a user types it (blip-export --precision int8: int8-cpu for an ONNX bundle), beside both forms by name
+    "ort-int8": lambda: BundleContender("int8"),
     "ort-int8-cpu": lambda: BundleContender("int8-cpu"),
+    "ort-int8-qdq": lambda: BundleContender("int8-qdq"),  # symmetric Q/DQ, TensorRT's form
     "ort-fp16": lambda: BundleContender("fp16"),
     "trt-fp16": lambda: BundleContender("trt-fp16"),
     "trt-int8": lambda: BundleContender("trt-int8"),

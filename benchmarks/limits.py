@@ -5,6 +5,10 @@ units, so a time can be judged against what the hardware allows:
   (MKL) and onnxruntime (MLAS). numpy is not used: its OpenBLAS may run with OPENBLAS_CORETYPE
   forced to an older core.
   The vision graph is compute bound; its FLOPs over its time, as a share of this rate, is its efficiency.
+- int8 GEMM rate: the same 4096^3 product through ONNX Runtime's integer kernels, the ones the int8-cpu
+  graphs use: MatMulInteger (u8 activations x s8 weights -> int32, what the vision graph runs after
+  DynamicQuantizeLinear) and com.microsoft MatMulIntegerToFloat (the same with the dequantizing scale
+  fused). The CPU's int8 dot-product extensions (VNNI, AMX) are listed beside it: they set this rate.
 - memory bandwidth: best of a numpy copy (read + write bytes) and a torch 2-thread sum (read only)
   of 512 MiB arrays. One decoder step with a short cache is bound by reading the decoder's weights
   once, so weight bytes / bandwidth is the floor of a per-token decode step.
@@ -60,6 +64,57 @@ def ort_gemm(n: int, runs: int) -> float:
     sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     a = np.ones((n, n), np.float32)
     return 2 * n**3 / best_seconds(lambda: sess.run(None, {"a": a}), runs) / 1e9
+
+
+def _ort_session(nodes, inputs, outputs, initializers, opsets):
+    import onnxruntime as ort
+    from onnx import helper
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    graph = helper.make_graph(nodes, "gemm", inputs, outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()])
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def ort_int8_gemm(n: int, runs: int, fused_scale: bool) -> float:
+    """GOP/s (2 n^3 multiply-adds) of u8 [n, n] x s8 [n, n] on ONNX Runtime's CPU integer GEMM;
+    fused_scale: MatMulIntegerToFloat (float output, scales applied in the kernel) instead of MatMulInteger."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    b = numpy_helper.from_array(rng.integers(-127, 128, (n, n), dtype=np.int8), "b")
+    inits = [b, numpy_helper.from_array(np.uint8(128), "a_zp"), numpy_helper.from_array(np.int8(0), "b_zp")]
+    a_info = helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])
+    if fused_scale:
+        inits += [numpy_helper.from_array(np.float32(0.01), "a_scale"), numpy_helper.from_array(np.float32(0.02), "b_scale")]
+        node = helper.make_node("MatMulIntegerToFloat", ["a", "b", "a_scale", "b_scale", "a_zp", "b_zp"], ["c"],
+                                domain="com.microsoft")
+        out = helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])
+    else:
+        node = helper.make_node("MatMulInteger", ["a", "b", "a_zp", "b_zp"], ["c"])
+        out = helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])
+    sess = _ort_session([node], [a_info], [out], inits, {"": 17, "com.microsoft": 1})
+    a = rng.integers(0, 256, (n, n), dtype=np.uint8)
+    return 2 * n**3 / best_seconds(lambda: sess.run(None, {"a": a}), runs) / 1e9
+
+
+def int8_extensions() -> list[str]:
+    """The CPU's int8 dot-product extensions, from /proc/cpuinfo's flags."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return []
+    return [f for f in ("avx512_vnni", "avx_vnni", "avx_vnni_int8", "amx_int8", "avx512_bf16", "amx_bf16") if f in flags]
+
+
+def int8_rate(n: int = 4096, runs: int = 5) -> dict:
+    """The int8 GEMM rate: the faster of ORT's MatMulInteger and MatMulIntegerToFloat."""
+    rates = {"onnxruntime MatMulInteger (u8s8)": ort_int8_gemm(n, runs, False),
+             "onnxruntime MatMulIntegerToFloat (u8s8)": ort_int8_gemm(n, runs, True)}
+    kernel = max(rates, key=rates.get)
+    return {"gops": rates[kernel], "kernel": kernel, "by_kernel": rates, "size": n, "threads": THREADS,
+            "extensions": int8_extensions()}
 
 
 def matmul_rate(n: int = 4096, runs: int = 5) -> dict:
@@ -122,6 +177,7 @@ def measure(quick: bool = False) -> dict:
     """quick: small sizes, for smoke runs (the numbers then understate the machine)."""
     sizes = dict(n=1024, runs=2), dict(mib=64, runs=2)
     return {"matmul": matmul_rate(**sizes[0]) if quick else matmul_rate(),
+            "int8": int8_rate(**sizes[0]) if quick else int8_rate(),
             "bandwidth": bandwidth(**sizes[1]) if quick else bandwidth(), "quick": quick,
             "env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OMP_NUM_THREADS") if k in os.environ}}
 

@@ -3,8 +3,9 @@
 A BLIP-base-size checkpoint per model (caption, VQA, image-text retrieval) is built by transformers
 from its config with re-randomized weights (transformers' own init leaves the vision tower near zero),
 saved with save_pretrained, and exported once to an fp32 bundle. The other bundle kinds are made from
-it: int8 (the Q/DQ form, blip-export's int8-qdq) / int8-cpu / fp16 by
-`blip_export.precision.convert_bundle`, TensorRT engines (trt-fp16, trt-int8) by `blip_export.trt_build.build_engines` from the ONNX bundle of that precision. A kind
+it by `blip_export.precision.convert_bundle`: int8 (what `blip-export --precision int8` writes, asked for
+by that name, so what a user gets is what is timed; its manifest says which form it resolved to),
+int8-cpu and int8-qdq (the two int8 forms by name), fp16; TensorRT engines (trt-fp16, trt-int8) by `blip_export.trt_build.build_engines` from the ONNX bundle of that precision. A kind
 that cannot be made here is skipped with the reason as a note. Delete benchmarks/.cache (or pass
 --rebuild) after changing the exporter or the converters.
 
@@ -23,11 +24,12 @@ from .cases import ARCH, MODELS, images
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 STD = 0.05  # weights ~N(0, 0.05): varied tokens; the values do not change the work done
-PRECISIONS = ("int8", "int8-cpu", "fp16")  # int8: symmetric Q/DQ (TensorRT's form); int8-cpu: ORT dynamic u8s8
-# Bundle kind -> the form convert_bundle writes. The kind names stay as the results tables have
-# them; blip-export's bare "int8" now means the fastest form for the target (int8-cpu on ONNX).
-FORM = {"int8": "int8-qdq", "int8-cpu": "int8-cpu", "fp16": "fp16"}
-KINDS = ("fp32", *PRECISIONS, "trt-fp16", "trt-int8")
+# Bundle kinds made by convert_bundle, each named as blip-export's --precision takes it: "int8" as a user
+# types it (the fastest form for an ONNX bundle: pipeline.resolve_precision), "int8-cpu" (ORT dynamic
+# u8s8) and "int8-qdq" (symmetric Q/DQ, TensorRT's form) by name.
+PRECISIONS = ("int8", "int8-cpu", "int8-qdq", "fp16")
+TRT_SOURCE = {"trt-fp16": "fp16", "trt-int8": "int8-qdq"}  # engine kind -> the ONNX bundle it is built from
+KINDS = ("fp32", *PRECISIONS, *TRT_SOURCE)
 CALIB_TEXTS = ["a picture of a dog", "what color is the car?", "two people on a beach", "a red circle",
                "is there a cat?", "a man riding a horse", "how many birds are there?", "a bowl of fruit"]
 
@@ -59,7 +61,7 @@ def build(scale: str = "base", kinds=KINDS, rebuild: bool = False, say=print) ->
 
             say(f"building {scale} {model} checkpoint")
             make_full_checkpoint(ARCH[model], ckpt, hf_config(scale), seed=10 + i, std=STD)
-        wanted = ["fp32"] + [k.removeprefix("trt-") for k in kinds if k.startswith("trt-")] + list(kinds)
+        wanted = ["fp32"] + [TRT_SOURCE[k] for k in kinds if k in TRT_SOURCE] + list(kinds)
         for kind in dict.fromkeys(wanted):  # each once, sources before the engines built from them
             if _current(bundle(scale, model, kind)):
                 continue
@@ -97,10 +99,10 @@ def make(scale: str, model: str, kind: str) -> str | None:
 
         export_bundle(folder(scale, model) / "ckpt", dst)
         return None
-    if kind.startswith("trt-"):
-        src = bundle(scale, model, kind.removeprefix("trt-"))
+    if kind in TRT_SOURCE:
+        src = bundle(scale, model, TRT_SOURCE[kind])
         if not (src / "manifest.json").is_file():
-            return f"skipped: no {kind.removeprefix('trt-')} ONNX bundle to build the engines from"
+            return f"skipped: no {TRT_SOURCE[kind]} ONNX bundle to build the engines from"
         try:
             from blip_export.trt_build import build_engines, check_trt_available
         except ImportError as e:
@@ -122,21 +124,28 @@ def make(scale: str, model: str, kind: str) -> str | None:
     # measure the weights' randomness instead of the speed of the int8 graph.
     bound = None if kind.startswith("int8") else INT8_BOUND
     from blip_export.bundle import export_bundle
-    from blip_export.pipeline import ORT_ONLY
+    from blip_export.pipeline import ORT_ONLY, resolve_precision
 
     source = bundle(scale, model, "fp32")
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
-        if FORM[kind] in ORT_ONLY:  # as blip-export does: converted from graphs with ONNX Runtime's operators
+        if resolve_precision(kind) in ORT_ONLY:  # as blip-export does: from graphs with ONNX Runtime's operators
             source = Path(tmp) / "fp32-ort"
             export_bundle(folder(scale, model) / "ckpt", source, ort_attention=True)
-        convert_bundle(source, dst, FORM[kind], images(len(CALIB_TEXTS), seed=100), CALIB_TEXTS, bound=bound)
+        convert_bundle(source, dst, kind, images(len(CALIB_TEXTS), seed=100), CALIB_TEXTS, bound=bound)
     return None
+
+
+def form(scale: str, model: str, kind: str) -> str:
+    """The precision form a cached bundle holds (its manifest's "precision"; "int8" resolves to a form)."""
+    import json
+
+    return json.loads((bundle(scale, model, kind) / "manifest.json").read_text(encoding="utf-8"))["precision"]
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scale", choices=("base", "tiny"), default="base")
-    p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated bundle kinds")
+    p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated bundle kinds: {', '.join(KINDS)}")
     p.add_argument("--rebuild", action="store_true")
     args = p.parse_args()
     for key, note in build(args.scale, args.kinds.split(","), args.rebuild).items():

@@ -70,9 +70,20 @@ def fmt_s(seconds: float | None) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
+def forms(results) -> dict[str, str]:
+    """{contender: the precision form its bundle holds}, for the bundle contenders that ran."""
+    return {w["contender"]: w["info"]["form"] for w in results["workers"] if "form" in w.get("info", {})}
+
+
+def label(results, contender: str) -> str:
+    """A contender's column name with the form it timed where the name does not say it ("ort-int8 = int8-cpu")."""
+    form = forms(results).get(contender)
+    return f"{contender} = {form}" if form and not contender.endswith(form) else contender
+
+
 def main_table(results, table, order) -> list[str]:
     base = results["baseline"]
-    lines = ["| case | work | " + " | ".join(order) + " |", "|---|---|" + "---|" * len(order)]
+    lines = ["| case | work | " + " | ".join(label(results, c) for c in order) + " |", "|---|---|" + "---|" * len(order)]
     for case in results["cases"]:
         row = table.get(case["name"], {})
         work = f"batch {case['batch']}" + (f", {case['num_beams']} beams" if case["num_beams"] > 1 else "")
@@ -106,7 +117,7 @@ def stage_table(results, table, order) -> list[str]:
             if s["steps"]:
                 cells[-1] += f" ({s['steps']})"
             per_token = fmt_s(s["per_token"]) if s["per_token"] else "–"
-            lines.append(f"| {case['name']} | {c} | " + " | ".join(cells)
+            lines.append(f"| {case['name']} | {label(results, c)} | " + " | ".join(cells)
                          + f" | {per_token} | {fmt_s(s['other'])} | {fmt_s(s['median'])} |")
     return lines
 
@@ -120,7 +131,7 @@ def memory_table(results) -> list[str]:
         cells = [f"{by_model[m]['peak_rss_mb']:.0f} MiB ({by_model[m]['rss_after_load_mb']:.0f})" if m in by_model
                  else "–" for m in ("caption", "vqa", "itr")]
         torch = "yes" if any(w["torch_loaded"] for w in by_model.values()) else "no"
-        lines.append(f"| {c} | " + " | ".join(cells) + f" | {torch} |")
+        lines.append(f"| {label(results, c)} | " + " | ".join(cells) + f" | {torch} |")
     return lines
 
 
@@ -148,7 +159,8 @@ def ratio(table, case, contender, base) -> float | None:
     return row[base]["median"] / row[contender]["median"] if contender in row and base in row else None
 
 
-ORT_CONTENDERS = ("ort-fp32", "ort-int8", "ort-int8-cpu", "ort-fp16")
+INT8_CONTENDERS = ("ort-int8", "ort-int8-cpu", "ort-int8-qdq")  # "ort-int8": as `--precision int8` resolves
+ORT_CONTENDERS = ("ort-fp32", *INT8_CONTENDERS, "ort-fp16")
 
 
 def best_ratio(ratios: dict[str, float | None]) -> tuple[dict[str, float], float | None, str | None]:
@@ -164,7 +176,7 @@ def best_ratio(ratios: dict[str, float | None]) -> tuple[dict[str, float], float
 def targets(results, table, lf) -> list[tuple[str, str, bool | None]]:
     base = results["baseline"]
     r32 = ratio(table, "caption-greedy", "ort-fp32", base)
-    int8, r8, int8_text = best_ratio({c: ratio(table, "caption-greedy", c, base) for c in ("ort-int8", "ort-int8-cpu")})
+    int8, r8, int8_text = best_ratio({c: ratio(table, "caption-greedy", c, base) for c in INT8_CONTENDERS})
     _, rb, batch8_text = best_ratio({c: ratio(table, "caption-batch8", c, base) for c in ORT_CONTENDERS})
     fp32_s = table.get("caption-greedy", {}).get("ort-fp32", {}).get("median")
     _, ro, separate = best_ratio({c: fp32_s / table["caption-greedy"][c]["median"] for c in int8 if fp32_s})
@@ -235,7 +247,7 @@ def budget_lines(table, lf, base) -> list[str]:
                  f"= {t_base / floor:.2f}× transformers, so the fp32 target needs the steps within "
                  f"{max(0.0, (t_base / TARGETS['caption_fp32'] - fixed) / row['ort-fp32']['steps'] / lf['read_s']):.2f}× "
                  "of their floor.")
-    int8 = [c for c in ("ort-int8-cpu", "ort-int8") if c in row]
+    int8 = [c for c in INT8_CONTENDERS if c in row]
     if int8:
         c = min(int8, key=lambda k: row[k]["median"])
         parts, fixed = split(c)
