@@ -72,9 +72,28 @@ def read(ptr: int, shape, dtype) -> np.ndarray:
     return np.frombuffer(ctypes.string_at(ptr, n), dtype).reshape(shape).copy()
 
 
-def fake_engine_bytes(onnx_path: Path, shapes: dict, timing_cache=None, tf32=False) -> bytes:
-    """What the fake 'build' writes as `<graph>.engine`: the ONNX graph and its profile."""
-    return pickle.dumps({"onnx": Path(onnx_path).read_bytes(), "profile": shapes})
+def fake_engine_bytes(onnx_path: Path, shapes: dict, timing_cache=None, tf32=False, parsed: list | None = None) -> bytes:
+    """What the fake 'build' writes as `<graph>.engine`: the ONNX graph and its profile.
+
+    It goes the way trt_build._compile goes as far as TensorRT allows here: the polygraphy loader
+    chain (trt_build.engine_loader) is made and must parse from the graph's path; then the graph is
+    read from that path with the weights stored beside it, as TensorRT's parser reads them. Each
+    loader is appended to `parsed` (what the tests inspect)."""
+    import onnx
+
+    from blip_export.trt_build import engine_loader
+
+    from polygraphy.logger import G_LOGGER
+
+    with G_LOGGER.verbosity(G_LOGGER.WARNING):  # as trt_build._compile: no note per graph
+        loader = engine_loader(onnx_path, shapes, timing_cache, strongly_typed=True, tf32=tf32)
+    network = loader._network
+    assert type(network).__name__ == "NetworkFromOnnxPath" and network.path == str(onnx_path), \
+        f"{onnx_path}: the parser must be given the graph's path, got {type(network).__name__}"
+    if parsed is not None:
+        parsed.append(loader)
+    whole = onnx.load(str(onnx_path))  # external data resolves relative to the path
+    return pickle.dumps({"onnx": whole.SerializeToString(), "profile": shapes})
 
 
 class _Context:
@@ -166,12 +185,14 @@ def install(monkeypatch) -> FakeCuda:
     import blip_runtime.trt_session as trt_session
 
     cuda = FakeCuda()
+    cuda.parsed = []  # the polygraphy loaders of every fake build, in build order (see fake_engine_bytes)
     monkeypatch.setattr(device, "_cuda", lambda: cuda)
     monkeypatch.setattr(trt_session, "_tensorrt", fake_tensorrt)  # never in sys.modules: torch probes it
     monkeypatch.setattr(trt_session, "trt_unavailable_reason", lambda: None)
     monkeypatch.setattr(trt_session, "device_info", lambda: (GPU, CC))
     monkeypatch.setattr(trt_session, "_numpy_dtype", np.dtype)
     monkeypatch.setattr(trt_build, "check_trt_available", lambda: None)
-    monkeypatch.setattr(trt_build, "_compile", fake_engine_bytes)
+    monkeypatch.setattr(trt_build, "_compile",
+                        lambda path, shapes, cache=None, tf32=False: fake_engine_bytes(path, shapes, cache, tf32, cuda.parsed))
     monkeypatch.setattr(trt_build, "_build_info", build_info)
     return cuda
