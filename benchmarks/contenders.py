@@ -109,17 +109,22 @@ class BundleContender:
 class OvSession:
     """OpenVINO over a bundle's ONNX graphs (ov.Core().read_model on each .onnx file), behind the
     runtime's Session interface: the same graphs and feeds as ONNX Runtime, another engine. CPU,
-    THREADS threads, the latency hint (one request at a time, as the other contenders run)."""
+    THREADS threads, the latency hint (one request at a time, as the other contenders run).
+    precision_hint: OpenVINO's INFERENCE_PRECISION_HINT; None leaves the CPU plugin's default, which is
+    bf16 on a CPU with AVX512_BF16 or AMX (this one has AVX512_BF16), so an fp32 graph asks for "f32"."""
 
-    def __init__(self, manifest, threads: int = THREADS):
+    def __init__(self, manifest, threads: int = THREADS, precision_hint: str | None = None):
         import openvino as ov
 
         core = ov.Core()
         config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+        if precision_hint:
+            config["INFERENCE_PRECISION_HINT"] = precision_hint
         self.manifest = manifest
         self.compiled = {name: core.compile_model(core.read_model(str(manifest.graph_path(name))), "CPU", config)
                          for name in manifest.graphs}
         self.requests = {name: c.create_infer_request() for name, c in self.compiled.items()}
+        self.compute = str(next(iter(self.compiled.values())).get_property("INFERENCE_PRECISION_HINT"))
 
     def run(self, graph: str, feeds: dict, keep=()) -> dict:
         self.manifest.graphs[graph].check_feeds(feeds)
@@ -146,10 +151,12 @@ class OvContender(BundleContender):
 
         manifest = load_manifest(models.bundle(scale, model, self.kind))
         manifest.verify_files()
-        self.rt = BlipRuntime(manifest, OvSession(manifest))
+        # fp32 computes in f32 (the plugin's default here is bf16); int8 graphs at the plugin's default
+        session = OvSession(manifest, precision_hint="f32" if self.kind == "fp32" else None)
+        self.rt = BlipRuntime(manifest, session)
         self._wrap()
         return {"openvino": openvino.__version__, "threads": THREADS, "session": "OvSession", "kind": self.kind,
-                "form": manifest.data.get("precision", "fp32")}
+                "form": f"{manifest.data.get('precision', 'fp32')}, computing in {session.compute}"}
 
 
 class TransformersContender:
@@ -194,6 +201,12 @@ class TransformersContender:
             return torch.nn.functional.normalize(self.model.vision_proj(embeds[:, 0, :]), dim=-1).numpy()
 
 
+def _ov_native(variant: str):
+    from .openvino_native import OvNativeContender
+
+    return OvNativeContender(variant)
+
+
 CONTENDERS = {
     "transformers": TransformersContender,
     "ort-fp32": lambda: BundleContender("fp32"),
@@ -206,5 +219,10 @@ CONTENDERS = {
     "trt-int8": lambda: BundleContender("trt-int8"),
     "ov-fp32": lambda: OvContender("fp32"),  # OpenVINO on the fp32 bundle's graphs
     "ov-int8": lambda: OvContender("int8-cpu"),  # OpenVINO on the int8 graphs `--precision int8` writes for a CPU
+    # OpenVINO's own path: transformers' modules converted by openvino.convert_model, NNCF int8 / int4
+    "ov-native-fp32": lambda: _ov_native("fp32"),
+    "ov-native-bf16": lambda: _ov_native("bf16"),
+    "ov-native-int8": lambda: _ov_native("int8"),
+    "ov-native-int4": lambda: _ov_native("int4"),
 }
 BASELINE = "transformers"

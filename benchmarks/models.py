@@ -29,7 +29,8 @@ STD = 0.05  # weights ~N(0, 0.05): varied tokens; the values do not change the w
 # u8s8) and "int8-qdq" (symmetric Q/DQ, TensorRT's form) by name.
 PRECISIONS = ("int8", "int8-cpu", "int8-qdq", "fp16")
 TRT_SOURCE = {"trt-fp16": "fp16", "trt-int8": "int8-qdq"}  # engine kind -> the ONNX bundle it is built from
-KINDS = ("fp32", *PRECISIONS, *TRT_SOURCE)
+OV_NATIVE = ("ov-native-fp32", "ov-native-int8", "ov-native-int4")  # OpenVINO IR of the caption model (openvino_native)
+KINDS = ("fp32", *PRECISIONS, *TRT_SOURCE, *OV_NATIVE)
 CALIB_TEXTS = ["a picture of a dog", "what color is the car?", "two people on a beach", "a red circle",
                "is there a cat?", "a man riding a horse", "how many birds are there?", "a bowl of fruit"]
 
@@ -63,6 +64,8 @@ def build(scale: str = "base", kinds=KINDS, rebuild: bool = False, say=print) ->
             make_full_checkpoint(ARCH[model], ckpt, hf_config(scale), seed=10 + i, std=STD)
         wanted = ["fp32"] + [TRT_SOURCE[k] for k in kinds if k in TRT_SOURCE] + list(kinds)
         for kind in dict.fromkeys(wanted):  # each once, sources before the engines built from them
+            if kind in OV_NATIVE and model != "caption":
+                continue  # OpenVINO's own path is converted for captioning only
             if _current(bundle(scale, model, kind)):
                 continue
             shutil.rmtree(bundle(scale, model, kind), ignore_errors=True)  # absent, or of an older format
@@ -80,11 +83,16 @@ def build(scale: str = "base", kinds=KINDS, rebuild: bool = False, say=print) ->
 
 
 def _current(folder: Path) -> bool:
-    """Whether `folder` holds a bundle of this version's format (an older one is made again)."""
+    """Whether `folder` holds a bundle of this version's format (an older one is made again), or
+    OpenVINO's converted models (openvino_native.SETTINGS)."""
     import json
 
     from blip_runtime.manifest import FORMAT_VERSION
 
+    from .openvino_native import SETTINGS
+
+    if (folder / SETTINGS).is_file():
+        return True
     try:
         return json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("format_version") == FORMAT_VERSION
     except (OSError, ValueError):

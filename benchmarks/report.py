@@ -77,8 +77,8 @@ def forms(results) -> dict[str, str]:
 
 def label(results, contender: str) -> str:
     """A contender's column name with the form it timed where the name does not say it ("ort-int8 = int8-cpu")."""
-    form = forms(results).get(contender)
-    return f"{contender} = {form}" if form and not contender.endswith(form) else contender
+    form = forms(results).get(contender, "").split(",")[0]
+    return f"{contender} = {form}" if form and " " not in form and not contender.endswith(form) else contender
 
 
 def main_table(results, table, order) -> list[str]:

@@ -168,8 +168,9 @@ def main(argv=None) -> int:
             else:
                 jobs.append((name, model))
     results["skipped"] = skipped
+    supported = lambda name, case: not getattr(CONTENDERS[name](), "supports", lambda c: None)(case)  # noqa: E731
     ticks = sum(WARMUP + (args.repeats or c.repeats) for name, model in jobs for c in CASES
-                if c.model == model and (chosen is None or c.name in chosen))
+                if c.model == model and (chosen is None or c.name in chosen) and supported(name, c))
     with tqdm(total=ticks + 2, desc="benchmarks", unit="run", file=sys.stderr) as bar:
         bar.set_postfix_str("machine limits")
         quick = ["--quick"] if args.scale == "tiny" else []

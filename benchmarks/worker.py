@@ -56,8 +56,15 @@ def main(argv=None) -> int:
     p.add_argument("--cases", help="comma-separated case names (default: all of this model's)")
     args = p.parse_args(argv)
     wanted = set(args.cases.split(",")) if args.cases else None
-    cases = [c for c in CASES if c.model == args.model and (wanted is None or c.name in wanted)]
     contender = CONTENDERS[args.contender]()
+    cases, unsupported = [], {}
+    for c in CASES:
+        if c.model == args.model and (wanted is None or c.name in wanted):
+            note = contender.supports(c) if hasattr(contender, "supports") else None
+            if note:
+                unsupported[c.name] = note
+            else:
+                cases.append(c)
     start = time.perf_counter()
     info = contender.load(args.scale, args.model)
     load_s = time.perf_counter() - start
@@ -68,7 +75,7 @@ def main(argv=None) -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     emit(result={"contender": args.contender, "model": args.model, "info": info, "load_seconds": load_s,
                  "rss_after_load_mb": rss_loaded, "peak_rss_mb": peak, "torch_loaded": "torch" in sys.modules,
-                 "cases": results})
+                 "cases": results, "unsupported": unsupported})
     return 0
 
 
