@@ -59,7 +59,8 @@ def parser() -> argparse.ArgumentParser:
         help="fp16: fp16 graph with fp32 islands; int8: the fastest int8 form for the target (int8-cpu for "
         "--target onnx, int8-qdq for --target trt); int8-cpu: ONNX Runtime's CPU form (dynamic int8 MatMul); "
         "int8-qdq: symmetric Q/DQ, calibrated (what TensorRT takes; in an ONNX bundle, for ONNX Runtime's "
-        "TensorRT or CUDA providers: slower than fp32 on a CPU)",
+        "TensorRT or CUDA providers: slower than fp32 on a CPU); int4: --target onnx, the decoding loop's step "
+        "graph with 4-bit weights (MatMulNBits), the other graphs int8-cpu",
     )
     p.add_argument("--calib-images", type=Path,
                    help="folder of images to calibrate int8-qdq on (default: the calibration set shipped with the package)")
@@ -92,8 +93,8 @@ def _check(args) -> str | None:
     for name in ("max_batch", "max_text_len", "max_new_tokens", "num_beams"):
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
-    if args.quantize_all and not args.precision.startswith("int8"):
-        return f"--quantize-all applies to --precision int8, int8-cpu or int8-qdq, not {args.precision}"
+    if args.quantize_all and not args.precision.startswith("int"):
+        return f"--quantize-all applies to --precision int8, int8-cpu, int8-qdq or int4, not {args.precision}"
     return None
 
 

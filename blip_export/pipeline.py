@@ -9,6 +9,10 @@ Q/DQ ("int8-qdq", the only int8 TensorRT builds) for --target trt. The Q/DQ form
 for ONNX Runtime's TensorRT or CUDA providers, is asked for by name: --precision int8-qdq. On a CPU,
 ONNX Runtime runs Q/DQ graphs slower than fp32 (it dequantizes around every MatMul). The manifest's
 "precision" is always the form ("int8-cpu" or "int8-qdq"), never the bare "int8".
+
+"int4" (--target onnx only): the graphs that run in the decoding loop one row at a time (the
+decoder or LM step: ROLE_GEMV) with 4-bit weights (ONNX Runtime's MatMulNBits, weight_only.py), the
+others in int8-cpu's form; it converts from the same fp32 bundle as int8-cpu.
 """
 
 from __future__ import annotations
@@ -25,12 +29,12 @@ from .defaults import calibration_images
 from .families import family
 from .files import ExportError, check_output, staging
 
-FORMS = ("fp32", "fp16", "int8-cpu", "int8-qdq")  # what a bundle holds (its manifest's "precision")
-PRECISIONS = ("fp32", "fp16", "int8", "int8-cpu", "int8-qdq")  # what may be asked for
+FORMS = ("fp32", "fp16", "int8-cpu", "int8-qdq", "int4")  # what a bundle holds (its manifest's "precision")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-cpu", "int8-qdq", "int4")  # what may be asked for
 TARGETS = ("onnx", "trt")
 # Forms that run on ONNX Runtime only: TensorRT cannot build them, and they are converted from fp32
 # graphs that use ONNX Runtime's own operators (export_bundle(ort_attention=True)).
-ORT_ONLY = frozenset({"int8-cpu"})
+ORT_ONLY = frozenset({"int8-cpu", "int4"})
 CALIBRATED = frozenset({"int8-qdq"})  # forms with static activation scales from calibration images
 
 
@@ -91,9 +95,11 @@ def export(
     quantize_all: int8 forms quantize every layer instead of keeping the ones that lose too much in fp32."""
     start = time.time()
     form = resolve_precision(precision, target)
+    ort_forms = True  # the family has ONNX Runtime attention forms to convert int8-cpu / int4 from
     if form != "fp32" and Path(checkpoint).is_dir():  # a form the family cannot convert to stops at once
         first = read_config(Path(checkpoint))
         family(first.family).check_precision(first, form)
+        ort_forms = family(first.family).ort_attention_forms
     dest = check_output(output if output else output_for(checkpoint, precision, target))  # before any work
     build_engines = None
     if target == "trt":  # before any work: a machine without TensorRT or a GPU stops at once
@@ -112,7 +118,7 @@ def export(
 
     with staging(dest, "work") as work:
         report = export_bundle(checkpoint, work / "fp32", tasks, "fp32", limits, progress=progress,
-                               ort_attention=form in ORT_ONLY)
+                               ort_attention=form in ORT_ONLY and ort_forms)
         onnx_bundle = work / "fp32"
         if form != "fp32":
             from .precision import INT8_BOUND, convert_bundle

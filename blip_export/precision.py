@@ -31,8 +31,10 @@ from blip_runtime.manifest import load_manifest
 
 from .files import ExportError, check_output, copy_file, graph_record, install, save_graph, sha256, staging
 from .calibration import calibration_feeds, compare_runtimes
+from .families import family
 from .measure import check_typed, graph_errors, ort_session, run_all, set_metadata, tensor_types
 from .quantize import HOLDOUT_FRACTION, INT8_BOUND, to_int8, to_int8_cpu
+from .weight_only import to_int4
 
 # fp32 islands of the fp16 graphs, by op type. Why each:
 # - LayerNormalization: the variance is a mean of squares; fp16 overflows once |x| passes ~256 and
@@ -101,14 +103,16 @@ def fp16_islands(model) -> dict[str, list[str]]:
     return keep
 
 
-def to_fp16(src: Path, dst: Path, graph: str) -> dict:
+def to_fp16(src: Path, dst: Path, graph: str, islands=None, notes: str = "") -> dict:
     """Write a mixed-precision copy of the fp32 graph `src` to `dst`: fp16 weights and activations,
     fp32 islands where fp16 overflows or loses accuracy (see FP16_KEEP_OPS and fp16_islands), graph
     inputs and outputs unchanged (float32 / int64, as the I/O table says).
 
+    islands: the family's rule for more fp32 nodes (GraphPrecision.fp16_islands: onnx ModelProto
+    -> {reason: [node names]}), merged with the core's; notes: why (GraphPrecision.notes).
     Returns what stays in fp32, for the manifest: {"precision": "fp16", "kept_fp32": {reason:
     [node names]}, "kept_fp32_ops": {op type: count}, "fp16_nodes": how many nodes compute in
-    fp16 (Casts not counted), "fp16_round_trips_removed"}.
+    fp16 (Casts not counted), "fp16_round_trips_removed"} (and "notes" when given).
     """
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
@@ -121,6 +125,8 @@ def to_fp16(src: Path, dst: Path, graph: str) -> dict:
     model = onnx.shape_inference.infer_shapes(onnx.load(str(src), load_external_data=False))
     onnx.load_external_data_for_model(model, str(Path(src).parent))
     keep = fp16_islands(model)
+    for reason, names in (islands(model) if islands else {}).items():
+        keep[reason] = [n for n in names if n not in {m for v in keep.values() for m in v}]
     node_block = [n for names in keep.values() for n in names]
     fp16 = convert_float_to_float16(
         model,
@@ -140,7 +146,19 @@ def to_fp16(src: Path, dst: Path, graph: str) -> dict:
     fp16_nodes = sum(1 for n in fp16.graph.node if n.op_type != "Cast"
                      and any(types.get(o) == onnx.TensorProto.FLOAT16 for o in n.output))
     return {"precision": "fp16", "graph": graph, "kept_fp32": keep, "kept_fp32_ops": kinds, "fp16_nodes": fp16_nodes,
-            "fp16_round_trips_removed": folded}
+            "fp16_round_trips_removed": folded, **({"notes": notes} if notes else {})}
+
+
+def keep_fp32(src: Path, dst: Path, graph: str, reason: str) -> dict:
+    """Write the fp32 graph `src` to `dst` unchanged but for its "precision" metadata (fp32): a graph
+    that the family keeps in fp32 in a reduced-precision bundle (GraphPrecision.keep_fp32, `reason`).
+    Returns the manifest's description: {"precision": "fp32", "graph", "kept_fp32": "whole graph", "reason"}."""
+    import onnx
+
+    model = onnx.load(str(src))  # with its external data, if any
+    set_metadata(model, {"precision": "fp32"})
+    save_graph(model, dst)
+    return {"precision": "fp32", "graph": graph, "kept_fp32": "whole graph", "reason": reason}
 
 
 def _fold_round_trips(graph) -> int:
@@ -171,7 +189,7 @@ def _fold_round_trips(graph) -> int:
 
 # -- bundles -------------------------------------------------------------------------------------
 
-PRECISIONS = ("fp16", "int8-qdq", "int8-cpu")  # the forms convert_bundle writes (the manifest's "precision")
+PRECISIONS = ("fp16", "int8-qdq", "int8-cpu", "int4")  # the forms convert_bundle writes (the manifest's "precision")
 
 
 def _image_size(manifest) -> int:
@@ -259,19 +277,28 @@ def convert_bundle(
 
     with staging(dst) as tmp:
         data = json.loads((src / "manifest.json").read_text(encoding="utf-8"))
+        fam = family(data["family"])
         graphs, accuracy = {}, {}
         for name, entry in data["graphs"].items():
             source, target = src / entry["file"], tmp / entry["file"]
             say(f"{precision}: {name}")
             if name not in held:
                 raise ExportError(f"{name}: the held-out run never fed this graph")
-            if precision == "fp16":
-                info = to_fp16(source, target, name)
+            policy = fam.precision_policy(name, data)
+            gemv = ROLE_GEMV in entry["io"].get("roles", ())
+            if precision == "fp16" and policy.keep_fp32:
+                info = keep_fp32(source, target, name, policy.keep_fp32)
+            elif precision == "fp16":
+                info = to_fp16(source, target, name, policy.fp16_islands, policy.notes)
             elif precision == "int8-qdq":
-                info = to_int8(source, target, name, calib[name], held[name], bound=bound, method=method, progress=say)
-            else:
-                info = to_int8_cpu(source, target, name, held[name], bound=bound, progress=say,
-                                   gemv=ROLE_GEMV in entry["io"].get("roles", ()))
+                info = to_int8(source, target, name, calib[name], held[name], bound=bound, method=method, progress=say,
+                               layer_groups=policy.layer_groups)
+            elif precision == "int4" and gemv:
+                info = to_int4(source, target, name, held[name], bound=bound, progress=say,
+                               layer_groups=policy.layer_groups)
+            else:  # int8-cpu, and int4's graphs of many rows
+                info = to_int8_cpu(source, target, name, held[name], bound=bound, progress=say, gemv=gemv,
+                                   layer_groups=policy.layer_groups)
             accuracy[name] = graph_errors(run_all(ort_session(target), held[name]), run_all(ort_session(source), held[name]))
             say(f"{name}: max abs {accuracy[name]['max_abs']:.3e}, relative {accuracy[name]['rel']:.3e}")
             # the converted graph's own files: a data file of the fp32 graph may not exist for it

@@ -8,12 +8,11 @@
   cannot build them. Graphs of many rows (vision, text encoder, cross_kv): dynamic quantization
   (DynamicQuantizeMatMul / MatMulInteger, u8 activations quantized per call, per-channel int8
   weights). The decoder step, a few rows per call: MatMulNBits with 8-bit symmetric weights in
-  blocks of 128 along K and int8 compute (accuracy_level 4), see graphs.ROLE_GEMV.
+  blocks of 128 along K and int8 compute (accuracy_level 4), see graphs.ROLE_GEMV and weight_only.py
+  (which also writes the int4 form).
 
 Layers that lose too much stay float. Attention probabilities @ V are kept out by rule
-(attention_prob_matmuls); the rest is chosen by measurement (search_exclusions): quantize, measure
-the graph's error against fp32 on held-out feeds, and while it is out of bounds, keep the most
-sensitive layer groups in float.
+(attention_prob_matmuls); the rest is chosen by measurement (quant_search.search_exclusions).
 
 The decoder's present_value.N outputs come out of a DequantizeLinear (the quantizer puts the Q/DQ
 of the probabilities @ V input on the tensor itself, which is also the graph output) when that
@@ -23,34 +22,19 @@ step computes, since its Q/DQ of the same tensor uses the same scale.
 
 from __future__ import annotations
 
-import re
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 
-from .files import EXTERNAL_TENSOR_MIN, save_graph
-from .measure import check_typed, graph_errors, ort_session, run_all, set_metadata
+from .quant_search import (  # noqa: F401  (the search's names, as this module has always offered them)
+    INT8_BOUND, INT8_MIN_TOP1, INT8_OPS, attention_prob_matmuls, badness, describe, finish, is_large, layer_group,
+    pre_process, quantizable_nodes, search_exclusions, search_graph,
+)
+from .weight_only import NBITS_ACCURACY_LEVEL, NBITS_BLOCK, _nbits_quantizer, nbits_quantize  # noqa: F401
 
-# Only the GEMM-like ops carry Q/DQ: that is where int8 pays (TensorRT fuses DQ -> MatMul/Conv ->
-# bias Add into an int8 kernel) and what NVIDIA's Q/DQ placement guidance recommends; Q/DQ around
-# LayerNorm, Softmax, GELU or Add would cost accuracy and break TensorRT's fusions.
-INT8_OPS = ("MatMul", "Gemm", "Conv")
-INT8_BOUND = 0.05  # default bound of a graph's relative error vs fp32 (max|a-b| / max|b|, worst output)
-# ... and for graphs with logits, the least fraction of rows whose argmax (the greedy token) agrees
-# with fp32: the relative error alone says little where logit margins are small.
-INT8_MIN_TOP1 = 0.98
 HOLDOUT_FRACTION = 0.25  # of the feeds given, held out to measure errors when no held-out feeds are given
-
-# int8-cpu graphs whose MatMuls see one row per request and beam: their weights stream through once
-# per call, and ONNX Runtime's MatMulNBits kernel (8-bit, blocks of NBITS_BLOCK, int8 compute) streams
-# them faster than DynamicQuantizeMatMul. Measured on the BLIP-base decoder step, 2 cores: batch 1
-# 8.4 -> 7.7 ms per step (a 20-token caption's steps 175 -> 154 ms), 3 rows 13.1 -> 13.3 ms, 8 rows
-# 23.3 -> 25.6 ms; at 64 rows and more DynamicQuantizeMatMul is twice as fast, so the other graphs keep it.
-# Which graphs those are is their I/O spec's role (graphs.ROLE_GEMV): to_int8_cpu(gemv=True).
-NBITS_BLOCK = 128
 
 
 def qdq_extra_options(method: str) -> dict:
@@ -73,136 +57,6 @@ def qdq_extra_options(method: str) -> dict:
     if method == "percentile":
         options["CalibPercentile"] = 99.999
     return options
-
-
-def layer_group(node_name: str) -> str:
-    """Node name -> its layer group: the same role in every layer ("/vision_model/layers.*/mlp/fc1/MatMul").
-    torch.onnx names nodes by module path, so the layer index is the only part that varies."""
-    return re.sub(r"(layers?)\.\d+(?=/)", r"\1.*", node_name)
-
-
-def quantizable_nodes(path: Path, ops: tuple[str, ...] = INT8_OPS, const_weight_only: bool = False) -> list[str]:
-    """Names of the nodes that the quantizer would touch (with const_weight_only: those whose second
-    input is an initializer, which is all that dynamic quantization handles)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    inits = {t.name for t in model.graph.initializer}
-    return [
-        n.name for n in model.graph.node
-        if n.op_type in ops and (not const_weight_only or (len(n.input) > 1 and n.input[1] in inits))
-    ]
-
-
-def attention_prob_matmuls(path: Path) -> list[str]:
-    """The MatMuls whose first input is a Softmax output (attention probabilities @ V).
-
-    They stay out of int8 by rule: a per-tensor symmetric int8 scale for probabilities is
-    max/127, about 1/127, while over 577 image tokens a typical probability is ~1/577, below half a
-    step, so most probabilities quantize to 0. Measured at BLIP-base size (random weights, minmax):
-    quantizing only these MatMuls gives relative error 0.15 on vision, and on decoder_step 0.22
-    with 54% greedy-token agreement (cross-attention) and 0.16 (self-attention); every other
-    layer group alone stays near 0.02."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    producers = {o: n for n in graph.node for o in n.output}
-    out = []
-    for n in graph.node:
-        src = producers.get(n.input[0]) if n.op_type == "MatMul" else None
-        while src is not None and src.op_type in ("Cast", "Dropout", "Identity"):
-            src = producers.get(src.input[0])
-        if src is not None and src.op_type == "Softmax":
-            out.append(n.name)
-    return out
-
-
-def badness(err: dict, bound: float, min_top1: float = INT8_MIN_TOP1) -> float:
-    """How far a graph_errors result is from acceptable: <= 1 is within the bounds (relative error
-    <= bound and, where the graph has logits, top-1 agreement >= min_top1)."""
-    score = err["rel"] / bound
-    if "top1" in err:
-        score = max(score, (1.0 - err["top1"]) / max(1.0 - min_top1, 1e-9))
-    return score
-
-
-def search_exclusions(
-    quantize: Callable[[list[str], Path], None],
-    evaluate: Callable[[Path], dict],
-    groups: dict[str, list[str]],
-    bound: float | None,
-    workdir: Path,
-    say=lambda msg: None,
-    min_top1: float = INT8_MIN_TOP1,
-) -> dict:
-    """Find which layer groups to keep in fp32 so the graph's error is within the bounds (badness).
-
-    `quantize(nodes_to_exclude, out_path)` writes a quantized graph; `evaluate(path)` returns its
-    graph_errors against fp32 on held-out feeds. First all groups are quantized; if that is out of
-    bounds, each group's sensitivity is measured (the error with only that group quantized), and
-    groups are excluded from the most sensitive down until the error is within bounds (or
-    everything is excluded); then each excluded group but the last is tried quantized again and
-    stays quantized if the graph remains within bounds. Returns {"excluded_groups", "excluded_nodes", "error",
-    "error_all_quantized", "sensitivity": {group: graph_errors without "outputs"}, "path"}.
-    """
-    everything = [n for nodes in groups.values() for n in nodes]
-    count = iter(range(1 << 30))
-
-    def attempt(excluded_groups: list[str]) -> tuple[dict, Path]:
-        path = workdir / f"candidate{next(count)}.onnx"
-        quantize([n for g in excluded_groups for n in groups[g]], path)
-        return evaluate(path), path
-
-    def accept(excluded_groups: list[str], err: dict, path: Path) -> None:
-        if result.get("path") not in (None, path):
-            _remove(result["path"])  # candidates are whole graphs: hundreds of MB at base size
-        result.update(excluded_groups=list(excluded_groups), error=err, path=path,
-                      excluded_nodes=[n for g in excluded_groups for n in groups[g]])
-
-    result: dict = {"sensitivity": {}}
-    first, path = attempt([])
-    accept([], first, path)
-    result["error_all_quantized"] = first
-    say(f"all {len(everything)} nodes quantized: {_fmt(first)}")
-    if bound is None or badness(first, bound, min_top1) <= 1:  # None: quantize everything, no search
-        return result
-    sensitivity = {}
-    for group in groups:
-        err, path = attempt([g for g in groups if g != group])
-        sensitivity[group] = _short(err)
-        _remove(path)
-    order = sorted(sensitivity, key=lambda g: -badness(sensitivity[g], bound, min_top1))
-    result["sensitivity"] = {g: sensitivity[g] for g in order}
-    excluded: list[str] = []
-    for group in order:
-        excluded.append(group)
-        err, path = attempt(excluded)
-        say(f"excluding {group} (alone: {_fmt(sensitivity[group])}): {_fmt(err)}")
-        accept(excluded, err, path)
-        if badness(err, bound, min_top1) <= 1:
-            break
-    # Errors do not add up exactly: a group excluded early may be harmless once later ones are out.
-    # Quantize each again (least sensitive first) where the graph stays within bounds.
-    for group in reversed(excluded[:-1]):
-        trial = [g for g in excluded if g != group]
-        err, path = attempt(trial)
-        if badness(err, bound, min_top1) <= 1:
-            say(f"quantizing {group} again: {_fmt(err)}")
-            excluded = trial
-            accept(excluded, err, path)
-        else:
-            _remove(path)
-    return result
-
-
-def _remove(path: Path) -> None:
-    """Delete a candidate graph and the data file beside it (large graphs: GBs each)."""
-    path.unlink(missing_ok=True)
-    path.with_name(path.name + ".data").unlink(missing_ok=True)
-
-
-def _fmt(err: dict) -> str:
-    return f"rel {err['rel']:.3e}" + (f", top-1 {err['top1']:.3f}" if "top1" in err else "")
 
 
 class _Reader:
@@ -248,6 +102,7 @@ def to_int8(
     min_top1: float = INT8_MIN_TOP1,
     keep_attention_probs: bool = True,
     progress=None,
+    layer_groups=None,
 ) -> dict:
     """Write the `int8` form of the fp32 graph `src` to `dst`: QuantizeLinear/DequantizeLinear with
     int8 zero points of 0 on the inputs of every MatMul/Gemm/Conv (weights per output channel,
@@ -260,7 +115,8 @@ def to_int8(
     granularity: "layer" (a role across all layers is one group) or "node". min_top1: for graphs
     with logits, the least greedy-token agreement with fp32 on the held-out feeds.
     keep_attention_probs: keep the probabilities @ V MatMuls out of int8 by rule
-    (attention_prob_matmuls) before the search starts.
+    (attention_prob_matmuls) before the search starts. layer_groups: the family's grouping of node
+    names (families.GraphPrecision.layer_groups; None: layer_group).
     Returns the manifest's description: {"precision", "format", "calibration", "bound",
     "excluded_nodes" (all of them), "excluded_by_rule", "excluded_groups" (by the search),
     "sensitivity", "error", "error_all_quantized" (with the rule's exclusions only)}.
@@ -274,11 +130,8 @@ def to_int8(
     with tempfile.TemporaryDirectory(prefix=f"int8-{graph}-") as tmp:
         work = Path(tmp)
         pre = work / "pre.onnx"
-        # ONNX shape inference so every tensor to quantize has a type. Not ORT's symbolic shape
-        # inference (it asserts on the cross_kv Reshapes) and no ORT optimization: TensorRT gets
-        # the graph as exported.
-        large = _large(src)
-        _pre_process(src, pre, large)
+        large = is_large(src)
+        pre_process(src, pre, large)  # ONNX shape inference only: every tensor to quantize has a type
         cache = work / "calibration.json"  # calibrate once, quantize many times during the search
         inputs = _inputs(src)
 
@@ -299,12 +152,13 @@ def to_int8(
             )
 
         by_rule = attention_prob_matmuls(pre) if keep_attention_probs else []
-        result = _search(src, pre, quantize, held, (bound, min_top1), granularity, work, say, False, by_rule)
+        result = search_graph(src, pre, quantize, held, (bound, min_top1), granularity, work, say,
+                              quantizable_nodes(pre, INT8_OPS), by_rule, layer_groups)
         result["excluded_by_rule"] = by_rule
-        _finish(result["path"], dst, "int8-qdq")
+        finish(result["path"], dst, "int8-qdq")
     return {"precision": "int8-qdq", "format": "qdq-symmetric-int8", "graph": graph,
             "calibration": {"method": method, "feeds": len(calib), "held_out_feeds": len(held)},
-            **_describe(result, bound, min_top1)}
+            **describe(result, bound, min_top1)}
 
 
 def to_int8_cpu(
@@ -317,6 +171,7 @@ def to_int8_cpu(
     min_top1: float = INT8_MIN_TOP1,
     progress=None,
     gemv: bool = False,
+    layer_groups=None,
 ) -> dict:
     """Write the `int8-cpu` form of `src` to `dst`: ONNX Runtime dynamic quantization (int8 weights
     per output channel, uint8 activations quantized at run time per tensor: DynamicQuantizeMatMul /
@@ -325,25 +180,18 @@ def to_int8_cpu(
     quantized (a patch-embedding ConvInteger is slower than the fp32 Conv). No calibration: `feeds`
     only measure the error and drive the same exclusion search as to_int8. Not for TensorRT.
     """
-    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     say = progress or (lambda msg: None)
     held = list(feeds)
     with tempfile.TemporaryDirectory(prefix=f"int8cpu-{graph}-") as tmp:
         pre = Path(tmp) / "pre.onnx"
-        large = _large(src)
-        _pre_process(src, pre, large)
-
-        MatMulNBitsQuantizer = _nbits_quantizer() if gemv else None
+        large = is_large(src)
+        pre_process(src, pre, large)
 
         def quantize(exclude: list[str], out: Path) -> None:
             if gemv:
-                q = MatMulNBitsQuantizer(onnx.load(str(pre)), bits=8, block_size=NBITS_BLOCK, is_symmetric=True,
-                                         accuracy_level=4, nodes_to_exclude=exclude)
-                with _quiet("onnxruntime.quantization.matmul_nbits_quantizer"):
-                    q.process()
-                q.model.save_model_to_file(str(out), use_external_data_format=large)
+                nbits_quantize(pre, out, 8, NBITS_BLOCK, exclude, large)
                 return
             quantize_dynamic(
                 str(pre), str(out), op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
@@ -351,102 +199,12 @@ def to_int8_cpu(
                 use_external_data_format=large,
             )
 
-        result = _search(src, pre, quantize, held, (bound, min_top1), granularity, Path(tmp), say, True, [])
-        _finish(result["path"], dst, "int8-cpu")
-    form = ({"format": "ort-matmulnbits-int8", "block_size": NBITS_BLOCK, "accuracy_level": 4} if gemv
+        nodes = quantizable_nodes(pre, ("MatMul", "Gemm"), const_weight_only=True)
+        result = search_graph(src, pre, quantize, held, (bound, min_top1), granularity, Path(tmp), say, nodes, [],
+                              layer_groups)
+        finish(result["path"], dst, "int8-cpu")
+    form = ({"format": "ort-matmulnbits-int8", "block_size": NBITS_BLOCK, "accuracy_level": NBITS_ACCURACY_LEVEL} if gemv
             else {"format": "ort-dynamic-u8s8"})
     return {"precision": "int8-cpu", **form, "graph": graph,
-            "measured_on_feeds": len(held), **_describe(result, bound, min_top1)}
+            "measured_on_feeds": len(held), **describe(result, bound, min_top1)}
 
-
-def _nbits_quantizer():
-    """onnxruntime's MatMulNBitsQuantizer class. Its module calls logging.basicConfig(level=INFO) when
-    imported, which would turn on INFO logging for the whole host process (one line per node of
-    every graph we quantize): a handler on the root logger during the import makes that a no-op."""
-    import logging
-
-    root, guard = logging.getLogger(), logging.NullHandler()
-    root.addHandler(guard)
-    try:
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-    finally:
-        root.removeHandler(guard)
-    return MatMulNBitsQuantizer
-
-
-@contextmanager
-def _quiet(logger_name: str):
-    """The named logger at WARNING for the block (MatMulNBitsQuantizer logs every node at INFO)."""
-    import logging
-
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def _search(src, pre, quantize, held, bounds, granularity, work, say, const_weight_only, fixed) -> dict:
-    """search_exclusions over the layer groups of `pre`, with the `fixed` nodes always excluded."""
-    reference = run_all(ort_session(Path(src)), held)
-
-    def evaluate(path: Path) -> dict:
-        return graph_errors(run_all(ort_session(path), held), reference)
-
-    nodes = quantizable_nodes(pre, INT8_OPS if not const_weight_only else ("MatMul", "Gemm"), const_weight_only)
-    groups: dict[str, list[str]] = {}
-    for n in nodes:
-        if n not in fixed:
-            groups.setdefault(layer_group(n) if granularity == "layer" else n, []).append(n)
-    result = search_exclusions(lambda exclude, out: quantize([*fixed, *exclude], out), evaluate, groups,
-                               bounds[0], work, say, bounds[1])
-    result["excluded_nodes"] = [*fixed, *result["excluded_nodes"]]
-    return result
-
-
-def _large(src: Path) -> bool:
-    """Whether the work copies of `src` (pre-processed graph, candidates) keep their weights beside
-    them, as save_graph would store `src` (over files.EXTERNAL_DATA_THRESHOLD)."""
-    import onnx
-
-    from . import files
-
-    return files.weight_bytes(onnx.load(str(src), load_external_data=False)) > files.EXTERNAL_DATA_THRESHOLD
-
-
-def _pre_process(src: Path, pre: Path, large: bool) -> None:
-    """ONNX shape inference only (see to_int8), the result beside `pre` with its data when large."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    quant_pre_process(str(src), str(pre), skip_optimization=True, skip_symbolic_shape=True,
-                      save_as_external_data=large, all_tensors_to_one_file=True,
-                      external_data_location=pre.name + ".data", external_data_size_threshold=EXTERNAL_TENSOR_MIN)
-
-
-def _finish(path: Path, dst: Path, precision: str) -> None:
-    import onnx
-
-    model = onnx.load(str(path))  # with the candidate's external data, if any
-    set_metadata(model, {"precision": precision})
-    save_graph(model, dst)
-    check_typed(dst)
-
-
-def _describe(result: dict, bound: float | None, min_top1: float) -> dict:
-    return {
-        "bound": bound,
-        "exclusion_search": "off: every layer quantized (--quantize-all)" if bound is None else "on",
-        "min_top1": min_top1,
-        "excluded_by_rule": result.get("excluded_by_rule", []),
-        "excluded_groups": result["excluded_groups"],
-        "excluded_nodes": result["excluded_nodes"],
-        "sensitivity": result["sensitivity"],
-        "error": _short(result["error"]),
-        "error_all_quantized": _short(result["error_all_quantized"]),
-    }
-
-
-def _short(err: dict) -> dict:
-    return {k: v for k, v in err.items() if k != "outputs"}

@@ -12,6 +12,8 @@ Adding a family: its folder and one line here (and one in blip_runtime/families 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
+from typing import Callable
 
 from ..errors import CheckpointError
 
@@ -58,6 +60,16 @@ class ExportFamily:
     def check_precision(self, config, form: str) -> None:
         """ExportError when this family's bundles cannot be converted to `form` (pipeline.FORMS) yet."""
         return None
+
+    # graphs(ort_attention=True) exists: the ONNX Runtime CPU forms (int8-cpu, int4) convert from it;
+    # False: they convert from the standard fp32 graphs.
+    ort_attention_forms = True
+
+    def precision_policy(self, graph: str, manifest: dict) -> "GraphPrecision":
+        """The family's rules for `graph` of the fp32 bundle whose manifest is `manifest` (the parsed
+        manifest.json) in the core's conversions (blip_export.precision, blip_export.quantize), on top
+        of the core's own rules. Default: the core's rules alone."""
+        return GraphPrecision()
 
     def tasks(self, config) -> tuple[str, ...]:
         """The tasks a checkpoint of this architecture can be exported for, the default first."""
@@ -131,6 +143,27 @@ def family_for_config(data: dict, source: str) -> ExportFamily:
         raise CheckpointError(source, f"model_type={model_type!r} (architectures {archs}): not a checkpoint of a "
                                       f"family this exporter knows; expected model_type {' or '.join(known)}")
     return family(model_type)
+
+
+@dataclass(frozen=True)
+class GraphPrecision:
+    """A family's precision rules for one graph (ExportFamily.precision_policy). The core applies
+    its own rules first (fp32 islands by op type and for the attention mask; attention probabilities
+    @ V out of int8; the measured exclusion search); these add to them.
+
+    keep_fp32: non-empty: the graph stays fp32 in fp16 bundles, and this says why (the manifest's
+      per-graph "precision" entry). int8 forms still quantize it, where the measured search allows.
+    fp16_islands: onnx ModelProto (shapes inferred) -> {reason: [node names]}: more nodes to keep in
+      fp32 in the fp16 graph, by reason (they go to the manifest as the core's do).
+    layer_groups: node names -> the layer group of each (same order), the units the int8 exclusion
+      search keeps in fp32 or quantizes; None: quantize.layer_group of each name.
+    notes: what the manifest says about these rules (why they are needed).
+    """
+
+    keep_fp32: str = ""
+    fp16_islands: Callable | None = None
+    layer_groups: Callable[[list[str]], list[str]] | None = None
+    notes: str = ""
 
 
 class BundleParts:

@@ -1,7 +1,7 @@
 """BLIP-2 as an export family (blip_export.families): its config reader and reference model, the
 tasks of each architecture, its graphs (blip_runtime/families/blip2/graphs.py) and their wrappers,
-trace and verification sizes and feeds (export.py), bundle contents (bundle_parts.py) and
-calibration workload (calibration.py)."""
+trace and verification sizes and feeds (export.py), bundle contents (bundle_parts.py),
+calibration workload (calibration.py) and precision rules (precision.py)."""
 
 from __future__ import annotations
 
@@ -54,11 +54,16 @@ class Blip2Export(ExportFamily):
             raise ExportError(f"{config.architecture}: no BLIP-2 graphs, expected one of {sorted(ARCHITECTURE_TASKS)}")
 
     def check_precision(self, config, form):
-        from ...files import ExportError
+        return None  # every form: the family's rules are precision_policy's
 
-        if form != "fp32":
-            raise ExportError(f"--precision {form}: BLIP-2 bundles are fp32 only in this version (the Q-Former "
-                              "must stay fp32 and Flan-T5 needs fp32 islands); use --precision fp32")
+    # No ONNX Runtime attention form (graphs refuses ort_attention): int8-cpu and int4 convert from
+    # the standard fp32 graphs.
+    ort_attention_forms = False
+
+    def precision_policy(self, graph, manifest):
+        from .precision import policy
+
+        return policy(graph, manifest)
 
     def tasks(self, config):
         from .export import architecture_tasks
