@@ -6,7 +6,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from .graphs import ROLE_LOOP
+from .graphs import BATCH, ROLE_LOOP
 from .manifest import BundleError, Manifest
 
 
@@ -15,6 +15,15 @@ class Session(Protocol):
         """Outputs by name. `keep`: output name patterns a device backend may return as device
         tensors (fed back as inputs later without a host copy); host backends ignore it."""
         ...
+
+
+# Rows per run of the CPU graphs that run once per request (vision, cross_kv, text encoders), see
+# OrtSession. Their activations grow with the batch and are the run's peak: BLIP-base fp32, batch 8,
+# vision +461 MB and cross_kv +650 MB over the resident set in one run (its fused K/V projection
+# [8, 577, 24 * 768] and the 24 transposed outputs are alive together). One row at a time bounds
+# that by one request's; a compute-bound graph loses nothing running row by row (measured in
+# RESULTS_memory.md).
+ROWS_PER_RUN = 1
 
 
 class OrtSession:
@@ -32,9 +41,13 @@ class OrtSession:
     it, which a library cannot impose on its host."""
 
     def __init__(self, manifest: Manifest, providers: list | None = None, threads: int | None = None,
-                 memory: dict | None = None):
+                 memory: dict | None = None, rows_per_run: int | None = ROWS_PER_RUN, trim: bool = True):
         """`memory`: ONNX Runtime memory options (MEMORY_OPTIONS' keys) that replace the defaults;
-        benchmarks/memory.py measures each of them."""
+        benchmarks/memory.py measures each of them. `rows_per_run`: on the CPU, a graph outside the
+        decoding loop whose inputs and outputs all lead with the batch axis runs at most this many rows
+        at a time, into outputs allocated once for the whole batch (see ROWS_PER_RUN); None: whole
+        batches. `trim`: give the C heap's free pages back to the system after the sessions are made
+        and after each run of a graph outside the decoding loop (release_free_memory)."""
         import onnxruntime as ort  # optional heavy import, only when a session is made
 
         available = ort.get_available_providers()
@@ -55,13 +68,23 @@ class OrtSession:
             _apply_memory(opts, MEMORY_OPTIONS if memory is None else memory)
             return opts
 
-        self.manifest = manifest
+        if not isinstance(trim, bool):
+            raise ValueError(f"trim={trim!r}: expected True or False")
+        if rows_per_run is not None and (not isinstance(rows_per_run, int) or isinstance(rows_per_run, bool)
+                                         or rows_per_run < 1):
+            raise ValueError(f"rows_per_run={rows_per_run!r}: expected an int >= 1 or None")
+        self.manifest, self.trim = manifest, trim
+        # Device providers hold activations in device memory, where whole batches run fastest.
+        self.chunked = {name: rows_per_run for name, spec in manifest.graphs.items()
+                        if rows_per_run and wanted == ["CPUExecutionProvider"] and _row_wise(spec)}
         self.sessions = {
             name: ort.InferenceSession(str(manifest.graph_path(name)), options(name), providers=providers)
             for name in manifest.graphs
         }
         for name, session in self.sessions.items():
             _check_io(manifest, name, session)
+        if trim:
+            release_free_memory()
 
     def run(self, graph: str, feeds: dict[str, np.ndarray], keep: Sequence[str] = ()) -> dict[str, np.ndarray]:
         spec = self.manifest.graphs.get(graph)
@@ -69,7 +92,50 @@ class OrtSession:
             raise BundleError(f"graph {graph!r} is not in this bundle (it has {sorted(self.manifest.graphs)})")
         spec.check_feeds(feeds)
         names = [t.name for t in spec.outputs]
-        return dict(zip(names, self.sessions[graph].run(names, feeds)))
+        rows = self.chunked.get(graph)
+        batch = len(next(iter(feeds.values()))) if feeds else 0
+        if rows is None or batch <= rows:
+            out = dict(zip(names, self.sessions[graph].run(names, feeds)))
+        else:
+            out = self._run_in_chunks(graph, names, feeds, batch, rows)
+        if self.trim and not spec.has(ROLE_LOOP):
+            # The freed activations of a once-per-request graph would stay resident beside the
+            # next graph's (BLIP-base batch 8 peak, fp32: 1588 -> 1463 MB). Not between decoding
+            # steps: they reuse the same blocks every step.
+            release_free_memory()
+        return out
+
+    def _run_in_chunks(self, graph: str, names: list[str], feeds: dict[str, np.ndarray], batch: int,
+                       rows: int) -> dict[str, np.ndarray]:
+        """The whole batch's outputs are allocated once, from the I/O table's shapes, and ONNX Runtime
+        writes each chunk of rows straight into its rows (IOBinding): nothing is concatenated and at
+        most one chunk's activations are alive. An output axis that no input fixes: the first chunk
+        runs as usual and gives the row shapes."""
+        spec, session = self.manifest.graphs[graph], self.sessions[graph]
+        bound = {a: n for t in spec.inputs for a, n in zip(t.shape, feeds[t.name].shape) if isinstance(a, str)}
+        bound[BATCH] = batch
+        out, first_row = {}, 0
+        if all(isinstance(a, int) or a in bound for t in spec.outputs for a in t.shape):
+            for t in spec.outputs:
+                out[t.name] = np.empty([a if isinstance(a, int) else bound[a] for a in t.shape], t.dtype)
+        else:
+            first = session.run(names, {k: v[:rows] for k, v in feeds.items()})
+            for name, value in zip(names, first):
+                out[name] = np.empty((batch, *value.shape[1:]), value.dtype)
+                out[name][:rows] = value
+            del first
+            first_row = rows
+        binding = session.io_binding()
+        for start in range(first_row, batch, rows):
+            stop = min(start + rows, batch)
+            parts = {name: np.ascontiguousarray(value[start:stop]) for name, value in feeds.items()}
+            for name, part in parts.items():  # `parts` keeps each bound copy alive through the run
+                binding.bind_cpu_input(name, part)
+            for name, value in out.items():
+                part = value[start:stop]  # leading rows of a C-contiguous array: contiguous memory
+                binding.bind_output(name, "cpu", 0, value.dtype, list(part.shape), part.ctypes.data)
+            session.run_with_iobinding(binding)
+        return out
 
 
 # Memory options of every graph's session; benchmarks/memory.py measures each (RESULTS_memory.md).
@@ -81,6 +147,45 @@ class OrtSession:
 # another 156 MB after load, but int8-cpu's MatMulNBits decoder step falls to a slow path (a 20-token
 # caption 44 s against seconds on the same loaded machine).
 MEMORY_OPTIONS: dict = {"enable_cpu_mem_arena": False}
+
+
+def _row_wise(spec) -> bool:
+    """Whether the graph runs row by row: its rows are independent (every input and output leads
+    with the batch axis) and each row is long enough to keep the cores busy on its own (no token-id
+    input: image tokens, not a few text tokens). The decoding loop's step and the text graphs have a
+    few positions per row, so per row they would read their weights once per row, and their
+    activations are small anyway."""
+    return (not spec.has(ROLE_LOOP) and all(t.high is None for t in spec.inputs)
+            and all(t.shape[:1] == (BATCH,) for t in (*spec.inputs, *spec.outputs)))
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
+    ONNX Runtime parses each graph file into heap memory, then packs the weights of its MatMuls into
+    buffers of their own and frees the parsed copies; glibc keeps most of that freed memory, scattered
+    between live blocks, resident: BLIP-base fp32 decoder_step 838 MB resident after its session's
+    creation, 622 MB after the trim (in 48 ms; prepacking off: 622 MB either way). Only free memory is
+    released, so the host process loses nothing by it; the next run that needs the pages faults
+    them in again."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _malloc_trim():
+    global _TRIM
+    if _TRIM is False:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "malloc_trim", None)
+        except OSError:  # no C library by that name (not glibc)
+            _TRIM = None
+    return _TRIM
+
+
+_TRIM = False  # not looked up yet
 
 
 def _apply_memory(opts, options: dict) -> None:

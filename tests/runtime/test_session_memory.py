@@ -1,5 +1,7 @@
 """OrtSession's memory options: applied to every graph's session, and results unchanged token for
-token (against ONNX Runtime's own defaults and against transformers, re-randomized weights)."""
+token (against ONNX Runtime's own defaults and against transformers, re-randomized weights); the
+once-per-request graphs run row by row into outputs allocated once; the C heap's free pages go back
+to the system."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ import torch
 from blip_export.bundle import export_bundle
 from blip_runtime import BlipRuntime
 from blip_runtime.manifest import load_manifest
-from blip_runtime.session import MEMORY_OPTIONS, OrtSession
+from blip_runtime import session as session_module
+from blip_runtime.graphs import GraphSpec, TensorSpec
+from blip_runtime.session import MEMORY_OPTIONS, OrtSession, _row_wise, release_free_memory
 from oracle import assert_close, make_full_checkpoint
 
 
@@ -23,6 +27,11 @@ def pair(tmp_path_factory):
     processor = transformers.BlipProcessor.from_pretrained(folder / "ckpt")
     export_bundle(folder / "ckpt", folder / "bundle")
     return model, processor, load_manifest(folder / "bundle")
+
+
+def plain(manifest):
+    """ONNX Runtime's own defaults: its options, whole batches, no trimming."""
+    return OrtSession(manifest, memory={}, rows_per_run=None, trim=False)
 
 
 def images(n):
@@ -49,7 +58,7 @@ def test_tokens_unchanged(pair, num_beams):
     imgs = images(2)
     gen = dict(max_new_tokens=12, min_new_tokens=12, num_beams=num_beams)
     ours = BlipRuntime(manifest, OrtSession(manifest)).caption_tokens(imgs, **gen)
-    ort_defaults = BlipRuntime(manifest, OrtSession(manifest, memory={})).caption_tokens(imgs, **gen)
+    ort_defaults = BlipRuntime(manifest, plain(manifest)).caption_tokens(imgs, **gen)
     assert ours == ort_defaults
     for i, img in enumerate(imgs):
         with torch.inference_mode():
@@ -63,7 +72,7 @@ def test_graph_outputs_equal_ort_defaults(pair):
     rt = BlipRuntime(manifest, OrtSession(manifest))
     pixels = rt.pixels(images(2))
     ours = rt.session.run("vision", {"pixel_values": pixels})
-    theirs = OrtSession(manifest, memory={}).run("vision", {"pixel_values": pixels})
+    theirs = plain(manifest).run("vision", {"pixel_values": pixels})
     for name in ours:
         assert_close(ours[name], theirs[name], 1e-6, f"vision {name}, memory options vs ONNX Runtime defaults")
 
@@ -71,3 +80,112 @@ def test_graph_outputs_equal_ort_defaults(pair):
 def test_bad_option_is_one_clear_line(pair):
     with pytest.raises(ValueError, match="memory option 'no_such_option': expected a SessionOptions attribute"):
         OrtSession(pair[2], memory={"no_such_option": 1})
+
+
+def test_row_wise_graphs_are_the_once_per_request_image_graphs(pair):
+    manifest = pair[2]
+    assert OrtSession(manifest, rows_per_run=2).chunked == {"vision": 2, "cross_kv": 2}
+    assert OrtSession(manifest, rows_per_run=None).chunked == {}
+    assert not _row_wise(manifest.graphs["decoder_step"]), "the decoding loop's step runs whole batches"
+    text = GraphSpec("text", (TensorSpec("input_ids", "int64", ("batch", "text"), 99),),
+                     (TensorSpec("hidden", "float32", ("batch", "text", 8)),))
+    assert not _row_wise(text), "a graph over token ids runs whole batches"
+    rows = GraphSpec("per_row", (TensorSpec("x", "float32", ("rows", 4)),), (TensorSpec("y", "float32", ("rows", 4)),))
+    assert not _row_wise(rows), "only inputs and outputs that all lead with the batch axis are split"
+
+
+def _count_rows(session: OrtSession, graph: str) -> list[int]:
+    """Rows of every ONNX Runtime call of `graph`, plain or bound (appended as they run)."""
+    seen, inner = [], session.sessions[graph]
+    run, io_binding = inner.run, inner.io_binding
+
+    def counted_binding():
+        binding = io_binding()
+        bind = binding.bind_cpu_input
+        binding.bind_cpu_input = lambda name, value: (seen.append(len(value)) if name == first else None, bind(name, value))[1]
+        return binding
+
+    first = session.manifest.graphs[graph].inputs[0].name
+    inner.run = lambda names, feeds, *a: (seen.append(len(feeds[first])), run(names, feeds, *a))[1]
+    inner.io_binding = counted_binding
+    return seen
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_row_wise_runs_equal_whole_batches(pair, rows):
+    """5 images, 1 or 2 rows per ONNX Runtime call (2: a last chunk of 1): every output equal to the
+    whole batch's, and no call sees more rows than asked."""
+    manifest = pair[2]
+    whole = plain(manifest)
+    split = OrtSession(manifest, rows_per_run=rows)
+    pixels = BlipRuntime(manifest, whole).pixels(images(5))
+    seen = {g: _count_rows(split, g) for g in ("vision", "cross_kv")}
+    want = whole.run("vision", {"pixel_values": pixels})
+    got = split.run("vision", {"pixel_values": pixels})
+    assert seen["vision"] == [rows] * (5 // rows) + [5 % rows] * (5 % rows > 0)
+    for name in want:
+        assert got[name].shape == want[name].shape and got[name].dtype == want[name].dtype
+        assert_close(got[name], want[name], 1e-6, f"vision {name}, {rows} row(s) per run vs the whole batch")
+    states = want["image_embeds"]
+    want, got = whole.run("cross_kv", {"encoder_states": states}), split.run("cross_kv", {"encoder_states": states})
+    assert max(seen["cross_kv"]) == rows and sum(seen["cross_kv"]) == 5
+    for name in want:
+        assert_close(got[name], want[name], 1e-6, f"cross_kv {name}, {rows} row(s) per run vs the whole batch")
+    assert np.abs(want["cross_key.0"][0] - want["cross_key.0"][1]).max() > 1e-3, "rows differ: the test means something"
+
+
+def test_row_wise_run_learns_an_output_shape_no_input_fixes(pair):
+    """An output axis named nowhere among the inputs: the first chunk runs plainly and gives it."""
+    manifest = pair[2]
+    spec = manifest.graphs["vision"]
+    outputs = tuple(TensorSpec(t.name, t.dtype, (t.shape[0], *("tokens" if isinstance(a, int) else a for a in t.shape[1:2]),
+                                                   *t.shape[2:]), t.high) for t in spec.outputs)
+    renamed = GraphSpec(spec.name, spec.inputs, outputs, spec.doc, spec.roles)
+    split = OrtSession(manifest, rows_per_run=2)
+    split.manifest = type(manifest)(manifest.folder, manifest.data, {**manifest.graphs, "vision": renamed}, manifest.dims)
+    seen = _count_rows(split, "vision")
+    pixels = BlipRuntime(manifest, split).pixels(images(3))
+    got = split.run("vision", {"pixel_values": pixels})
+    want = plain(manifest).run("vision", {"pixel_values": pixels})
+    assert seen == [2, 1]
+    for name in want:
+        assert_close(got[name], want[name], 1e-6, f"vision {name}, shape learnt from the first chunk")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"rows_per_run": 0}, r"rows_per_run=0: expected an int >= 1 or None"),
+    ({"rows_per_run": 1.5}, r"rows_per_run=1.5: expected an int >= 1 or None"),
+    ({"trim": "yes"}, r"trim='yes': expected True or False"),
+])
+def test_bad_row_or_trim_option_is_one_clear_line(pair, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        OrtSession(pair[2], **kwargs)
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_release_free_memory_returns_freed_heap_pages():
+    """64 KiB blocks come from the heap (under glibc's mmap threshold), and freed ones below a live
+    block stay resident until trimmed."""
+    import ctypes
+
+    if session_module._malloc_trim() is None:
+        pytest.skip("no malloc_trim in this C library (not glibc)")
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    release_free_memory()
+    blocks = [libc.malloc(1 << 16) for _ in range(1024)]  # 64 MiB
+    for b in blocks:
+        ctypes.memset(b, 1, 1 << 16)
+    for b in blocks[:-1]:
+        libc.free(b)
+    before = _rss_kib()
+    release_free_memory()
+    after = _rss_kib()
+    libc.free(blocks[-1])
+    print(f"RSS before the trim {before} KiB, after {after} KiB")
+    assert before - after > 32 * 1024, f"the trim released {before - after} KiB of 64 MiB freed"
