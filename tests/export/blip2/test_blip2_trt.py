@@ -1,0 +1,373 @@
+"""TensorRT for BLIP-2 bundles. Everywhere: the optimization profiles of every graph (OPT, Flan-T5, ITM and
+Blip2Model bundles) against what the limits imply; the engine build path by path for graphs with external
+data (CPU stand-ins, tests/fake_trt.py); the fp16 and int8 (Q/DQ) forms of every graph typed and within
+TensorRT's ONNX operators; the builder configuration TensorRT 10 and 11 both accept. On a GPU with
+tensorrt (marked gpu): each engine against ONNX Runtime, and generation against the ONNX bundle."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+
+import fake_trt
+from blip2_oracle import hf_config, make_checkpoint
+from blip_export import files
+from blip_export.bundle import export_bundle
+from blip_export.families.blip2.export import random_feeds, verify_sizes
+from blip_export.measure import check_typed
+from blip_export.trt_build import build_engines, check_trt_available, engine_loader
+from blip_export.trt_onnx_support import problems
+from blip_runtime import BlipRuntime
+from blip_runtime.families.blip2.graphs import BATCH, NEW, PAST, PROMPT, ROWS, TEXT, TOTAL, axes
+from blip_runtime.graphs import Limits, axes_to_dict, profile_shapes
+from blip_runtime.manifest import load_manifest
+
+# architecture, LM, checkpoint settings (spread so that different images give different tokens)
+KINDS = {
+    "opt": ("Blip2ForConditionalGeneration", "opt", dict(seed=7, std=0.2)),
+    "t5": ("Blip2ForConditionalGeneration", "t5", dict(seed=8, std=0.1, untie_head=True)),
+    "itm": ("Blip2ForImageTextRetrieval", "opt", dict(seed=3)),
+    "features": ("Blip2Model", "t5", dict(seed=2)),
+}
+LIMITS = [Limits(), Limits(max_batch=4, max_text_len=20, max_new_tokens=10, num_beams=3, opt_batch=2),
+          Limits(max_batch=2, max_text_len=5, max_new_tokens=3, num_beams=1)]
+BUILD_LIMITS = Limits(max_batch=4, max_text_len=32, max_new_tokens=12, num_beams=3)
+
+
+def _bert_processor(num_query_tokens: int):
+    """The retrieval model's processor: BLIP's image processor and a tiny BERT WordPiece tokenizer (ids
+    below the Q-Former's vocabulary), as test_blip2_bundle.py builds it."""
+    import transformers
+    from tokenizers import BertWordPieceTokenizer
+
+    from blip2_oracle import TINY_VISION, WORDS
+
+    wp = BertWordPieceTokenizer(lowercase=True)
+    wp.train_from_iterator([" ".join(WORDS)] * 4, vocab_size=90, min_frequency=1,
+                           special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tok = transformers.BertTokenizerFast(tokenizer_object=wp._tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                         cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    size = TINY_VISION["image_size"]
+    image = transformers.BlipImageProcessorPil(size={"height": size, "width": size})
+    return transformers.Blip2Processor(image, tok, num_query_tokens=num_query_tokens)
+
+
+def _checkpoint(folder, kind: str):
+    arch, lm, settings = KINDS[kind]
+    if kind == "itm":  # the Q-Former reads the texts: a BERT tokenizer beside the checkpoint
+        proc = _bert_processor(4)
+        config = hf_config(lm, False, text_input=True)
+        config.image_token_index = proc.tokenizer.convert_tokens_to_ids("<image>")
+        make_checkpoint(arch, folder, config, with_processor=False, **settings)
+        proc.save_pretrained(folder)
+        return
+    overrides = {"tie_word_embeddings": False} if lm == "opt" else None
+    make_checkpoint(arch, folder, hf_config(lm, True, text_overrides=overrides), **settings)
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    """kind -> fp32 ONNX bundle, weights inside each graph file; made on first use."""
+    made = {}
+
+    def get(kind: str):
+        if kind not in made:
+            root = tmp_path_factory.mktemp(kind)
+            _checkpoint(root / "ckpt", kind)
+            export_bundle(root / "ckpt", root / "bundle")
+            made[kind] = root / "bundle"
+        return made[kind]
+
+    return get
+
+
+def images(n: int = 3, seed: int = 1) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (40 + 5 * i, 36, 3), dtype=np.uint8) for i in range(n)]
+
+
+# -- (a) optimization profiles -------------------------------------------------------------------
+def _implied(d, L: Limits) -> dict:
+    """What the limits imply for each axis, restated from how the runtime uses it (not from graphs.py):
+    {axis: (min, opt, max)} where the sizes are fixed by the limits, {axis: callable(bounds)} where a
+    range is needed that covers every size the runtime feeds."""
+    Q, text_opt = d.num_query_tokens, min(8, L.max_text_len)
+    prompt_max = Q + L.max_text_len  # the image tokens count: OPT's prompt and T5's encoder length
+    # the longest cache a step is fed: OPT's holds the prompt and every fed token (the last generated
+    # token is never fed back); T5's only the decoder's own tokens (decoder_start_token_id first)
+    needed_past = prompt_max + L.max_new_tokens - 2 if d.lm == "opt" else L.max_new_tokens - 1
+    return {
+        BATCH: (1, L.opt_batch, L.max_batch),
+        ROWS: (1, L.opt_batch, L.max_batch * L.num_beams),  # requests x beams
+        TEXT: (1, text_opt, L.max_text_len),
+        PROMPT: (1, Q + text_opt, prompt_max),
+        NEW: lambda b: b[0] == b[1] == 1,  # the loop feeds one token per step
+        # 0: T5's first step (an empty cache); a step's one new token never gets a position past OPT's
+        # table; T5's cache never holds the prompt
+        PAST: lambda b: b[0] == 0 and b[2] >= needed_past and (
+            b[2] + 1 <= d.max_position_embeddings if d.lm == "opt" else b[2] <= L.max_new_tokens),
+    }
+
+
+def _fixed(name: str, d) -> dict[int, int]:
+    """The model dimension of each fixed axis, by input name, restated independently of graphs.py."""
+    return {
+        "pixel_values": {1: 3, 2: d.image_size, 3: d.image_size},
+        "image_embeds": {1: d.num_image_tokens, 2: d.vision_hidden},
+        "image_prefix": {1: d.num_query_tokens, 2: d.lm_hidden},
+        "encoder_states": {2: d.lm_hidden},
+    }.get(name, {1: d.lm_heads, 2: d.lm_head_dim} if name.startswith("cross_key") else
+          {1: d.lm_heads, 3: d.lm_head_dim} if name.startswith(("past_", "cross_value")) else {})
+
+
+ROW_GRAPHS = {"opt_prefill", "opt_step", "t5_step"}  # decoder rows; every other graph runs per request
+
+
+@pytest.mark.parametrize("limits", LIMITS, ids=["default", "small", "tiny"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_profiles_from_table(bundles, kind, limits):
+    manifest = load_manifest(bundles(kind))
+    d, implied = manifest.dims, _implied(manifest.dims, limits)
+    table = axes(d, limits)
+    assert manifest.data["axes"] == axes_to_dict(axes(d, Limits()))  # the exporter recorded the default limits'
+    for graph, spec in manifest.graphs.items():
+        prof = profile_shapes(spec, table)
+        assert set(prof) == {t.name for t in spec.inputs}, graph
+        seen: dict[str, tuple] = {}  # axis -> (min, opt, max): one range per axis name in a graph
+        for t in spec.inputs:
+            lo, opt, hi = prof[t.name]
+            print(f"{kind} {graph} {t.name}: min {lo} opt {opt} max {hi}")
+            assert len(lo) == len(opt) == len(hi) == len(t.shape), (graph, t.name)
+            assert all(a <= b <= c for a, b, c in zip(lo, opt, hi)), (graph, t.name, prof[t.name])
+            for i, size in _fixed(t.name, d).items():
+                assert lo[i] == opt[i] == hi[i] == size, (graph, t.name, i)
+            for i, axis in enumerate(t.shape):
+                if isinstance(axis, str):
+                    assert seen.setdefault(axis, (lo[i], opt[i], hi[i])) == (lo[i], opt[i], hi[i]), (graph, t.name, axis)
+        first = ROWS if graph in ROW_GRAPHS else BATCH
+        assert seen[first] == implied[first], (graph, first, seen[first])
+        assert not (ROWS in seen and BATCH in seen), graph
+        for axis, want in implied.items():
+            if axis in seen:
+                assert want(seen[axis]) if callable(want) else seen[axis] == want, (graph, axis, seen[axis])
+        if TOTAL in seen:
+            assert seen[TOTAL] == tuple(p + n for p, n in zip(seen[PAST], seen[NEW])), graph
+        if graph.endswith("_step"):
+            assert prof["beam_idx"][2] == (limits.max_batch * limits.num_beams,), graph
+    if d.lm == "t5" and "t5_step" in manifest.graphs:  # T5's encoder length reaches the step through its mask
+        step = profile_shapes(manifest.graphs["t5_step"], table)
+        assert [s[1] for s in step["encoder_attention_mask"]] == [s[1] for s in profile_shapes(
+            manifest.graphs["t5_encoder"], table)["attention_mask"]]
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason="graphs.axes requires queries + max_text_len + max_new_tokens + 1 <= "
+                                       "max_position_embeddings; the runtime needs only that sum - 2 (its last "
+                                       "generated token is never fed), so limits at the table's end are refused")
+def test_limits_at_the_end_of_the_position_table(bundles):
+    """OPT's limits may use every position the runtime itself allows (_check_positions)."""
+    d = load_manifest(bundles("opt")).dims
+    text = 40
+    new = d.max_position_embeddings + 1 - d.num_query_tokens - text  # the longest prompt's last fed position is the table's last
+    table = axes(d, Limits(max_text_len=text, max_new_tokens=new))
+    assert table[PAST][2] + 1 <= d.max_position_embeddings
+
+
+def test_limits_beyond_the_position_table(bundles):
+    d = load_manifest(bundles("opt")).dims
+    new = d.max_position_embeddings + 2 - d.num_query_tokens - 40  # one position more than the table has
+    with pytest.raises(ValueError, match=rf"exceed OPT's {d.max_position_embeddings} positions") as e:
+        axes(d, Limits(max_text_len=40, max_new_tokens=new))
+    assert "\n" not in str(e.value)
+
+
+# -- (b) the engine build, path by path, with external data --------------------------------------
+@pytest.fixture(scope="module")
+def external(bundles):
+    """kind -> ONNX bundle of the same checkpoint as bundles(kind), every graph's weights beside it (the
+    path graphs over 2 GB take)."""
+    made = {}
+
+    def get(kind: str):
+        if kind not in made:
+            root = bundles(kind).parent  # the same checkpoint (tiny tokenizers train differently each time)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(files, "EXTERNAL_DATA_THRESHOLD", 4096)  # below every tiny graph's weights
+                export_bundle(root / "ckpt", root / "external")
+            made[kind] = root / "external"
+        return made[kind]
+
+    return get
+
+
+def _results(rt, kind: str) -> list:
+    imgs = images()
+    if kind == "itm":
+        return [rt.match(imgs, ["a red circle", "two dogs", "a photo"]).tolist(),
+                rt.text_features(["a red circle", "two"]).tolist()]
+    return [rt.caption_tokens(imgs, max_new_tokens=6), rt.answer_tokens(imgs, ["what color", "what", "two"], max_new_tokens=5),
+            rt.caption_tokens(imgs, "a photo of", num_beams=3, max_new_tokens=5)]
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5", "itm"])
+def test_external_data_builds_from_paths(bundles, external, monkeypatch, tmp_path, kind):
+    cuda = fake_trt.install(monkeypatch)
+    source = load_manifest(external(kind))
+    for name in source.graphs:
+        assert [p.name for p in source.data_paths(name)] == [f"{name}.onnx.data"], name
+    build_engines(source.folder, tmp_path / "trt", BUILD_LIMITS, tmp_path / "timing.cache")
+    # the parser was given each graph's path, never its bytes (the weights beside it resolve from there)
+    parsed = [(type(loader._network).__name__, loader._network.path) for loader in cuda.parsed]
+    assert parsed == [("NetworkFromOnnxPath", str(source.graph_path(name))) for name in source.graphs]
+    assert all(loader._network.strongly_typed for loader in cuda.parsed)
+    trt = load_manifest(tmp_path / "trt")
+    trt.verify_files("full")
+    listed = {"manifest.json", trt.data["tokenizer"]["file"], *(f"{name}.engine" for name in source.graphs)}
+    assert sorted(p.name for p in trt.folder.iterdir()) == sorted(listed)  # no graph or data file copied
+    table = axes(source.dims, BUILD_LIMITS)
+    assert trt.data["axes"] == axes_to_dict(table) and trt.data["limits"] == asdict(BUILD_LIMITS)
+    for (name, entry), loader in zip(trt.data["graphs"].items(), cuda.parsed):
+        src = source.data["graphs"][name]
+        assert entry["io"] == src["io"] and entry["onnx_sha256"] == src["sha256"], name
+        shapes = profile_shapes(source.graphs[name], table)
+        assert entry["profile"] == {k: [list(s) for s in v] for k, v in shapes.items()}, name
+        (profile,) = loader._config.profiles
+        assert {k: (tuple(s.min), tuple(s.opt), tuple(s.max)) for k, s in profile.items()} == shapes, name
+    for key in ("family", "tasks", "dims", "tokenizer", "image", "special_tokens", "generation"):
+        assert trt.data[key] == source.data[key], key
+    # the engines hold the weights the parser read from beside each graph: the inline bundle's results
+    ours = BlipRuntime.load(trt.folder)
+    got, want = _results(ours, kind), _results(BlipRuntime.load(bundles(kind)), kind)
+    print(f"{kind}: {got[0]}")
+    assert got == want
+    ours.session.close()
+
+
+# -- (c) fp16 and int8 (Q/DQ) forms --------------------------------------------------------------
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_precision_forms_are_typed_and_parse(bundles, tmp_path, kind):
+    """Every BLIP-2 graph in fp16 (fp32 islands) and int8 (symmetric Q/DQ, every layer quantized):
+    every node's output type is determined and TensorRT's ONNX parser takes every node."""
+    from blip_export.precision import to_fp16
+    from blip_export.quantize import to_int8
+
+    manifest = load_manifest(bundles(kind))
+    d = manifest.dims
+    for name, spec in manifest.graphs.items():
+        src = manifest.graph_path(name)
+        feeds = [random_feeds(spec, d, sizes, seed=i) for i, sizes in enumerate(verify_sizes(d))]
+        to_fp16(src, tmp_path / f"{name}.fp16.onnx", name)
+        to_int8(src, tmp_path / f"{name}.int8.onnx", name, feeds, bound=None)
+        for form in ("fp16", "int8"):
+            path = tmp_path / f"{name}.{form}.onnx"
+            check_typed(path)
+            model = onnx.load(str(path))
+            ops = {n.op_type for n in model.graph.node}
+            found = problems(model)
+            print(f"{kind} {name} {form}: {len(model.graph.node)} nodes, problems {found[:3]}")
+            assert found == [], f"{kind} {name} {form}: " + "; ".join(found[:5])
+            if form == "fp16":
+                assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer), name
+            else:
+                assert {"QuantizeLinear", "DequantizeLinear"} <= ops, name
+
+
+# -- (d) TensorRT 10 and 11: strongly typed, no precision flags, no calibrator -------------------
+def test_builder_config_is_strongly_typed_without_precision_flags(bundles, tmp_path):
+    """What TensorRT 11 removed (BuilderFlag FP16/INT8/BF16/FP8, the INT8 calibrator, quantization
+    flags, precision constraints) is never asked for: precision comes from the graph."""
+    manifest = load_manifest(bundles("t5"))
+    for name, spec in manifest.graphs.items():
+        shapes = profile_shapes(spec, axes(manifest.dims, BUILD_LIMITS))
+        loader = engine_loader(manifest.graph_path(name), shapes, tmp_path / "cache", strongly_typed=True)
+        config = loader._config
+        assert (config.fp16, config.int8, config.bf16, config.fp8, config.tf32) == (False,) * 5, name
+        assert config.calibrator is None and config.quantization_flags is None and config.precision_constraints is None
+        assert config.algorithm_selector is None and not config.direct_io  # removed in TensorRT 11 as well
+        assert loader._network.strongly_typed and loader._network.path == str(manifest.graph_path(name))
+
+
+@pytest.mark.parametrize("has_flag", [True, False], ids=["tensorrt-10-or-11", "without-the-flag"])
+def test_strongly_typed_flag_by_feature(bundles, monkeypatch, has_flag):
+    """_compile asks for NetworkDefinitionCreationFlag.STRONGLY_TYPED where the TensorRT has it (10: needed;
+    11: accepted and ignored) and builds without it where it is gone (strong typing is then the only mode)."""
+    import blip_export.trt_build as trt_build
+
+    flags = SimpleNamespace(STRONGLY_TYPED=1) if has_flag else SimpleNamespace()
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(NetworkDefinitionCreationFlag=flags))
+    asked = []
+
+    def loader(path, shapes, cache, *, strongly_typed, tf32=False):
+        asked.append(strongly_typed)
+        return lambda: b"engine"
+
+    monkeypatch.setattr(trt_build, "engine_loader", loader)
+    manifest = load_manifest(bundles("opt"))
+    spec = manifest.graphs["opt_step"]
+    assert trt_build._compile(manifest.graph_path("opt_step"), profile_shapes(spec, axes(manifest.dims, Limits())),
+                              None, False) == b"engine"
+    assert asked == [has_flag]
+
+
+# -- on a GPU ------------------------------------------------------------------------------------
+needs_trt = pytest.mark.skipif(check_trt_available() is not None,
+                               reason=f"needs TensorRT and an NVIDIA GPU: {check_trt_available()}")
+
+
+@pytest.fixture(scope="module")
+def engines(bundles, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache") / "timing.cache"  # shared: later builds reuse timings
+    made = {}
+
+    def get(kind: str):
+        if kind not in made:
+            made[kind] = bundles(kind).parent / "trt"
+            build_engines(bundles(kind), made[kind], BUILD_LIMITS, cache)
+        return made[kind]
+
+    return get
+
+
+@pytest.mark.gpu
+@needs_trt
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_engines_match_onnxruntime(bundles, engines, kind):
+    """Every engine (fp32, TF32 off) at the exporter's verification sizes against ONNX Runtime on the CPU."""
+    from blip_runtime.session import OrtSession
+    from blip_runtime.trt_session import TrtSession
+
+    ort, manifest = OrtSession(load_manifest(bundles(kind))), load_manifest(engines(kind))
+    with TrtSession(manifest) as trt:
+        d = manifest.dims
+        for graph, spec in manifest.graphs.items():
+            for i, sizes in enumerate(verify_sizes(d)):
+                feeds = random_feeds(spec, d, sizes, seed=i)
+                ours, ref = trt.run(graph, feeds), ort.run(graph, feeds)
+                for name, want in ref.items():
+                    err = float(np.abs(ours[name] - want).max())
+                    rel = err / max(float(np.abs(want).max()), 1e-30)
+                    print(f"{kind} {graph} {name} {sizes}: max abs {err:.2e}, relative {rel:.2e}")
+                    assert rel < 1e-3, f"{kind} {graph} {name} at {sizes}: max abs {err:.2e}, relative {rel:.2e}"
+
+
+@pytest.mark.gpu
+@needs_trt
+@pytest.mark.parametrize("kind", ["opt", "t5", "itm"])
+def test_generation_parity_with_onnx_bundle(bundles, engines, kind):
+    """BlipRuntime.load of the engine bundle (the cache and cross K/V kept on the GPU) against the ONNX
+    bundle: the same tokens greedy and with 3 beams, ITM scores and text features within 1e-4."""
+    from blip_runtime.trt_session import TrtSession
+
+    ours, ref = BlipRuntime.load(engines(kind)), BlipRuntime.load(bundles(kind))
+    assert isinstance(ours.session, TrtSession)
+    got, want = _results(ours, kind), _results(ref, kind)
+    if kind == "itm":
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+    else:
+        assert got == want
+    ours.session.close()
