@@ -1,4 +1,4 @@
-"""The embedded default models: small BLIP checkpoints trained on easy-VQA, shipped as package data.
+"""The embedded default models: small BLIP and BLIP-2 checkpoints trained on easy-VQA, shipped as package data.
 
 Each is a Hugging Face checkpoint folder under `blip_export/models/<name>/`; `blip-export NAME`
 accepts the name in place of a folder, and `blip-export` with no model exports all of them.
@@ -14,11 +14,23 @@ SAMPLES_DIR = MODELS_DIR / "samples"
 CALIBRATION_DIR = MODELS_DIR / "calibration"
 
 
-def default_models() -> dict[str, Path]:
-    """name -> checkpoint folder, for every shipped checkpoint (folders holding a config.json)."""
+def model_family(folder: Path) -> str:
+    """"blip" or "blip-2": the family of a checkpoint folder, from its config.json's model_type."""
+    model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    if model_type not in ("blip", "blip-2"):
+        raise ValueError(f"{folder / 'config.json'}: model_type {model_type!r}, expected 'blip' or 'blip-2'")
+    return model_type
+
+
+def default_models(family: str | None = None) -> dict[str, Path]:
+    """name -> checkpoint folder, for every shipped checkpoint (folders holding a config.json), or
+    only those of `family` ("blip": easyvqa-caption, -vqa, -itm; "blip-2": easyvqa-blip2-opt, -t5, -itm)."""
+    if family not in (None, "blip", "blip-2"):
+        raise ValueError(f"family={family!r}: expected None, 'blip' or 'blip-2'")
     if not MODELS_DIR.is_dir():
         return {}
-    return {p.name: p for p in sorted(MODELS_DIR.iterdir()) if (p / "config.json").is_file()}
+    models = {p.name: p for p in sorted(MODELS_DIR.iterdir()) if (p / "config.json").is_file()}
+    return models if family is None else {k: p for k, p in models.items() if model_family(p) == family}
 
 
 def resolve_model(name_or_path: str) -> Path:
