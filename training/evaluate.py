@@ -4,7 +4,9 @@ exported bundle (ONNX fp32 and each reduced precision), as one table.
 Metrics (as training/evaluate_reference.py defines them): VQA accuracy (exact answer string),
 caption correctness (the caption names the image's colour and shape and no other), and ITC
 retrieval R@1 image->text over the split's distinct captions and text->image over its images
-(counted right when the retrieved caption names the query's colour and shape).
+(counted right when the retrieved caption names the query's colour and shape), and the ITM head's
+ROC AUC of p(match) for each image's caption against the same caption with another colour and with
+another shape (each kind, and both together).
 
     python training/evaluate.py [--precisions fp32 int8-qdq fp16 int8-cpu] [--limit N] [--out table.md]
 
@@ -53,6 +55,7 @@ def batched(fn, items, size):
 
 
 def evaluate_bundles(bundles: dict[str, Path], split, batch: int = 64) -> dict:
+    import evaluate_reference as ref
     from blip_runtime import BlipRuntime
 
     images = list(split.images)
@@ -78,6 +81,10 @@ def evaluate_bundles(bundles: dict[str, Path], split, batch: int = 64) -> dict:
                                      for t, c, s in zip(sim.argmax(1), split.colors, split.shapes)])
     res["t2i_r1"] = 100.0 * np.mean([caption_correct(t, split.colors[n], split.shapes[n])
                                      for n, t in zip(sim.argmax(0), texts)])
+    rows, pair_texts, kinds = ref.hard_negative_pairs(split)
+    p_match = np.concatenate([rt.match([images[r] for r in rows[i : i + 4 * batch]], pair_texts[i : i + 4 * batch])
+                              for i in range(0, len(rows), 4 * batch)])
+    res.update(ref.itm_auc(p_match, kinds))
     res["seconds"] = time.time() - start
     return res
 
@@ -91,17 +98,20 @@ def evaluate_reference(split_name: str, limit: int | None) -> dict:
     out.unlink()
     return {"caption_correct": data["caption_correct"], "caption_exact": data["caption_exact"],
             "vqa_accuracy": data["vqa_accuracy"], "i2t_r1": data["i2t_r1_itc_color_shape"],
-            "t2i_r1": data["t2i_r1_itc_color_shape"], "seconds": data["seconds"]}
+            "t2i_r1": data["t2i_r1_itc_color_shape"], "seconds": data["seconds"],
+            **{k: v for k, v in data.items() if k.startswith("itm_auc")}}
 
 
 def table(rows: dict[str, dict], split, limit) -> str:
     head = (f"easy-VQA {split.name} split{f' (first {limit} images)' if limit else ''}: "
             f"{len(split.images)} images, {len(split.questions)} questions\n\n")
-    lines = ["| model | VQA accuracy % | captions correct % | captions exact % | ITC R@1 i→t % | ITC R@1 t→i % | seconds |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | VQA accuracy % | captions correct % | captions exact % | ITC R@1 i→t % | ITC R@1 t→i % "
+             "| ITM AUC other colour | ITM AUC other shape | ITM AUC both | seconds |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['vqa_accuracy']:.2f} | {r['caption_correct']:.2f} | {r['caption_exact']:.2f} | "
-                     f"{r['i2t_r1']:.2f} | {r['t2i_r1']:.2f} | {r['seconds']:.0f} |")
+                     f"{r['i2t_r1']:.2f} | {r['t2i_r1']:.2f} | {r['itm_auc_colour']:.4f} | {r['itm_auc_shape']:.4f} | "
+                     f"{r['itm_auc']:.4f} | {r['seconds']:.0f} |")
     return head + "\n".join(lines) + "\n"
 
 

@@ -8,7 +8,10 @@ On a split of easy-VQA (the full test split by default):
 - retrieval R@1 by ITC (cosine of the projected features), image->text over the split's distinct
   captions and text->image over its images, counted right when the retrieved caption / image's
   caption is the query's, or, looser, names the same colour and shape; and after re-ranking
-  ITC's top-k by the ITM head, as BLIP retrieves.
+  ITC's top-k by the ITM head, as BLIP retrieves;
+- ITM ROC AUC: the ITM head's p(match) of each image's own caption against its hard negatives,
+  the same caption with each other colour (same shape) and with each other shape (same colour),
+  per kind and both together, pooled over the split (one threshold for every image).
 
 With `--transformers N` the first N test images also go through transformers' BlipProcessor and
 `generate` / ITM forward on the same folders, and must give the same text and scores.
@@ -33,7 +36,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from blip_export import load_model  # noqa: E402
-from data import caption_correct, load_split  # noqa: E402
+from data import COLORS, SHAPES, caption, caption_correct, load_split  # noqa: E402
+
+NEGATIVE_KINDS = ("colour", "shape")  # the hard negatives ITM must separate from the right caption
 
 
 def preprocess(images: np.ndarray, folder: Path) -> torch.Tensor:
@@ -41,7 +46,11 @@ def preprocess(images: np.ndarray, folder: Path) -> torch.Tensor:
     (not needed for 64 px images at 64 px), rescale by 1/255, normalize with the config's mean/std."""
     from PIL import Image
 
-    pre = json.loads((folder / "preprocessor_config.json").read_text())
+    from blip_runtime.processor_config import image_processor_config
+
+    pre, _ = image_processor_config(folder)  # processor_config.json (save_checkpoint) or preprocessor_config.json
+    if pre is None:
+        raise FileNotFoundError(f"{folder}: no processor_config.json or preprocessor_config.json")
     h, w = pre["size"]["height"], pre["size"]["width"]
     if images.shape[1:3] != (h, w):
         images = np.stack([np.asarray(Image.fromarray(im).resize((w, h), Image.BICUBIC)) for im in images])
@@ -165,6 +174,56 @@ def retrieval(model, pixels, image_captions: list[str], colors, shapes, text: Te
     return out
 
 
+def hard_negative_pairs(split) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Each image's caption and its hard negatives: the caption with each other colour (same shape,
+    size, position) and with each other shape (same colour).
+
+    -> image index int64 [P], caption [P], kind str [P] ("match", "colour" or "shape"); P = 10 N."""
+    rows, texts, kinds = [], [], []
+    for n, (c, s, z, p) in enumerate(zip(split.colors, split.shapes, split.sizes, split.positions)):
+        pairs = [(caption(c, s, z, p), "match")]
+        pairs += [(caption(other, s, z, p), "colour") for other in COLORS if other != c]
+        pairs += [(caption(c, other, z, p), "shape") for other in SHAPES if other != s]
+        for text, kind in pairs:
+            rows.append(n)
+            texts.append(text)
+            kinds.append(kind)
+    return np.array(rows, np.int64), texts, np.array(kinds)
+
+
+def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """ROC AUC of scores float [P] (label 1) against [N] (label 0): the probability that a random
+    positive outscores a random negative, ties counting half (Mann-Whitney U over mid-ranks)."""
+    scores = np.concatenate([positive, negative]).astype(np.float64)
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # 1-based, tied scores share their mean rank
+    u = ranks[: len(positive)].sum() - len(positive) * (len(positive) + 1) / 2
+    return float(u / (len(positive) * len(negative)))
+
+
+def itm_auc(p_match: np.ndarray, kinds: np.ndarray) -> dict[str, float]:
+    """p(match) float [P] over hard_negative_pairs -> {"itm_auc_colour", "itm_auc_shape", "itm_auc"}."""
+    positive = p_match[kinds == "match"]
+    out = {f"itm_auc_{kind}": roc_auc(positive, p_match[kinds == kind]) for kind in NEGATIVE_KINDS}
+    out["itm_auc"] = roc_auc(positive, p_match[kinds != "match"])
+    return out
+
+
+@torch.no_grad()
+def itm_hard_negatives(model, pixels: torch.Tensor, split, text: Text, chunk: int = 2000) -> dict[str, float]:
+    """ITM ROC AUC (see itm_auc) of a BlipForImageTextRetrieval over pixels [N, 3, S, S] of `split`."""
+    rows, texts, kinds = hard_negative_pairs(split)
+    embeds = torch.cat([model.vision_model(pixels[i : i + 250])[0] for i in range(0, len(pixels), 250)])
+    cross = model.text_encoder.cross_key_values(embeds)  # per layer (N, H, P, Dh)
+    scores = []
+    for s in range(0, len(rows), chunk):
+        ids, mask = text.encode(texts[s : s + chunk])
+        r = torch.from_numpy(rows[s : s + chunk])
+        out, _, _ = model.text_encoder(ids, mask, cross_key_values=[(k[r], v[r]) for k, v in cross])
+        scores.append(model.itm_head(out[:, 0]).softmax(-1)[:, 1])
+    return itm_auc(torch.cat(scores).numpy(), kinds)
+
+
 def check_transformers(models: Path, split, ours_captions, ours_answers, n_images: int) -> None:
     """transformers' BlipProcessor + generate / ITM on the same folders must agree with ours."""
     import transformers
@@ -257,6 +316,9 @@ def main(argv=None) -> None:
     results.update(retrieval(model, pixels, list(refs), split.colors, split.shapes,
                              Text(args.models / "easyvqa-itm"), args.top_k))
     print("retrieval R@1 (%): " + ", ".join(f"{k} {v:.2f}" for k, v in results.items() if "_r1_" in k), flush=True)
+    results.update(itm_hard_negatives(model, pixels, split, Text(args.models / "easyvqa-itm")))
+    print("ITM ROC AUC against hard negatives: " + ", ".join(
+        f"{k} {v:.4f}" for k, v in results.items() if k.startswith("itm_auc")), flush=True)
     results["seconds"] = time.time() - start
     print(f"evaluated in {results['seconds']:.0f}s")
     if args.transformers:
