@@ -19,7 +19,7 @@ TEXT = "a red circle and two blue squares on a table"
 @dataclass(frozen=True)
 class Case:
     name: str
-    model: str  # which checkpoint: "caption", "vqa" or "itr" (image-text retrieval: ITM + ITC)
+    model: str  # which checkpoint: "caption", "vqa", "itr" (image-text retrieval: ITM + ITC) or "blip2"
     task: str  # "caption", "vqa", "itm", "itc"
     batch: int
     repeats: int  # timed runs after WARMUP; chosen so the full run stays under ~15 min on 2 cores
@@ -43,9 +43,14 @@ CASES = (
     Case("vqa", "vqa", "vqa", 1, 5, why="question encoder + answer decoder"),
     Case("itm", "itr", "itm", 1, 7, why="one image-text match: vision + multimodal text encoder"),
     Case("itc-batch8", "itr", "itc", 8, 2, why="retrieval indexing throughput: image features (images/s)"),
+    # BLIP-2 (benchmarks.blip2_cases): ViT-g + Q-Former + OPT at opt-1.3b size; VQA as "Question: ... Answer:"
+    Case("blip2-caption", "blip2", "caption", 1, 3, why="BLIP-2 caption: ViT-g, Q-Former, OPT prefill + 20 steps"),
+    Case("blip2-vqa", "blip2", "vqa", 1, 3, why="BLIP-2 VQA: the question in OPT's prompt after the queries"),
 )
-MODELS = ("caption", "vqa", "itr")
-ARCH = {"caption": "BlipForConditionalGeneration", "vqa": "BlipForQuestionAnswering", "itr": "BlipForImageTextRetrieval"}
+MODELS = ("caption", "vqa", "itr", "blip2")
+ARCH = {"caption": "BlipForConditionalGeneration", "vqa": "BlipForQuestionAnswering", "itr": "BlipForImageTextRetrieval",
+        "blip2": "Blip2ForConditionalGeneration"}
+BLIP2 = frozenset({"blip2"})  # models of the BLIP-2 family (their own report section)
 
 
 def images(n: int, seed: int = 0) -> list[np.ndarray]:

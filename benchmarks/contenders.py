@@ -18,7 +18,7 @@ import time
 from collections import defaultdict
 
 from . import models
-from .cases import ARCH, QUESTION, TEXT
+from .cases import ARCH, BLIP2, QUESTION, TEXT
 
 THREADS = 2  # every contender gets the same two threads
 
@@ -72,6 +72,8 @@ class BundleContender:
         self.clock = StageClock()
 
     def unavailable(self, scale: str, model: str) -> str | None:
+        if model in BLIP2 and self.kind not in models.BLIP2_KINDS:
+            return f"BLIP-2 runs the bundle kinds {', '.join(models.BLIP2_KINDS)}"
         if not (models.bundle(scale, model, self.kind) / "manifest.json").is_file():
             return f"no {self.kind} bundle (see the setup notes)"
         return None
@@ -124,7 +126,7 @@ class OvSession:
         self.compiled = {name: core.compile_model(core.read_model(str(manifest.graph_path(name))), "CPU", config)
                          for name in manifest.graphs}
         self.requests = {name: c.create_infer_request() for name, c in self.compiled.items()}
-        self.compute = str(next(iter(self.compiled.values())).get_property("INFERENCE_PRECISION_HINT"))
+        self.compute = next(iter(self.compiled.values())).get_property("INFERENCE_PRECISION_HINT").get_type_name()
 
     def run(self, graph: str, feeds: dict, keep=()) -> dict:
         self.manifest.graphs[graph].check_feeds(feeds)
@@ -160,20 +162,31 @@ class OvContender(BundleContender):
 
 
 class TransformersContender:
-    """What users run today: transformers' BLIP classes, eager PyTorch fp32, torch.set_num_threads(THREADS)."""
+    """What users run today: transformers' BLIP classes, eager PyTorch, torch.set_num_threads(THREADS);
+    fp32, or (dtype "bfloat16", BLIP-2 only) the LM and the vision model in bf16 (benchmarks.blip2_cases)."""
 
     needs = ()  # runs the checkpoint itself: no bundle
 
-    def __init__(self):
+    def __init__(self, dtype: str | None = None):
+        self.dtype = dtype
         self.clock = StageClock()
 
     def unavailable(self, scale: str, model: str) -> str | None:
-        return None if importlib.util.find_spec("transformers") else "transformers is not installed"
+        if not importlib.util.find_spec("transformers"):
+            return "transformers is not installed"
+        if self.dtype and model not in BLIP2:
+            return f"{self.dtype} is run for BLIP-2 only"
+        return None
 
     def load(self, scale: str, model: str) -> dict:
         import torch
         import transformers
 
+        self.blip2 = model in BLIP2
+        if self.blip2:
+            from .blip2_cases import load_transformers
+
+            return load_transformers(self, scale, self.dtype)
         torch.set_num_threads(THREADS)
         ckpt = models.folder(scale, model) / "ckpt"
         self.model = getattr(transformers, ARCH[model]).from_pretrained(ckpt).eval()
@@ -188,6 +201,10 @@ class TransformersContender:
     def run(self, case, images):
         import torch
 
+        if self.blip2:
+            from .blip2_cases import run_transformers
+
+            return run_transformers(self, case, images)
         n = len(images)
         text = {"caption": None, "vqa": [QUESTION] * n, "itm": [TEXT] * n, "itc": None}[case.task]
         with torch.inference_mode():
@@ -209,12 +226,14 @@ def _ov_native(variant: str):
 
 CONTENDERS = {
     "transformers": TransformersContender,
+    "transformers-bf16": lambda: TransformersContender("bfloat16"),  # BLIP-2 only
     "ort-fp32": lambda: BundleContender("fp32"),
     # int8 as a user types it (blip-export --precision int8: int8-cpu for an ONNX bundle), beside both forms by name
     "ort-int8": lambda: BundleContender("int8"),
     "ort-int8-cpu": lambda: BundleContender("int8-cpu"),
     "ort-int8-qdq": lambda: BundleContender("int8-qdq"),  # symmetric Q/DQ, TensorRT's form
     "ort-fp16": lambda: BundleContender("fp16"),
+    "ort-int4": lambda: BundleContender("int4"),  # 4-bit MatMulNBits weights
     "trt-fp16": lambda: BundleContender("trt-fp16"),
     "trt-int8": lambda: BundleContender("trt-int8"),
     "ov-fp32": lambda: OvContender("fp32"),  # OpenVINO on the fp32 bundle's graphs

@@ -20,14 +20,17 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from .cases import ARCH, MODELS, images
+from .cases import ARCH, BLIP2, MODELS, images
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 STD = 0.05  # weights ~N(0, 0.05): varied tokens; the values do not change the work done
 # Bundle kinds made by convert_bundle, each named as blip-export's --precision takes it: "int8" as a user
 # types it (the fastest form for an ONNX bundle: pipeline.resolve_precision), "int8-cpu" (ORT dynamic
-# u8s8) and "int8-qdq" (symmetric Q/DQ, TensorRT's form) by name.
-PRECISIONS = ("int8", "int8-cpu", "int8-qdq", "fp16")
+# u8s8) and "int8-qdq" (symmetric Q/DQ, TensorRT's form) by name; int4: 4-bit MatMulNBits weights.
+PRECISIONS = ("int8", "int8-cpu", "int8-qdq", "fp16", "int4")
+# BLIP-2 at real size gets fp32 and the CPU's reduced forms only: fp16 runs slower than fp32 on ONNX
+# Runtime's CPU kernels, and Q/DQ calibration of ViT-g would take hours here.
+BLIP2_KINDS = ("fp32", "int8", "int4")
 TRT_SOURCE = {"trt-fp16": "fp16", "trt-int8": "int8-qdq"}  # engine kind -> the ONNX bundle it is built from
 OV_NATIVE = ("ov-native-fp32", "ov-native-int8", "ov-native-int4")  # OpenVINO IR of the caption model (openvino_native)
 KINDS = ("fp32", *PRECISIONS, *TRT_SOURCE, *OV_NATIVE)
@@ -58,14 +61,19 @@ def build(scale: str = "base", kinds=KINDS, rebuild: bool = False, say=print) ->
         if rebuild and folder(scale, model).exists():
             shutil.rmtree(folder(scale, model))
         if not (ckpt / "config.json").is_file():
-            from tests.oracle import make_full_checkpoint
-
             say(f"building {scale} {model} checkpoint")
-            make_full_checkpoint(ARCH[model], ckpt, hf_config(scale), seed=10 + i, std=STD)
+            if model in BLIP2:  # written tensor by tensor: real size does not fit twice in memory
+                from .blip2_cases import write_checkpoint
+
+                write_checkpoint(scale, ckpt)
+            else:
+                from tests.oracle import make_full_checkpoint
+
+                make_full_checkpoint(ARCH[model], ckpt, hf_config(scale), seed=10 + i, std=STD)
         wanted = ["fp32"] + [TRT_SOURCE[k] for k in kinds if k in TRT_SOURCE] + list(kinds)
         for kind in dict.fromkeys(wanted):  # each once, sources before the engines built from them
-            if kind in OV_NATIVE and model != "caption":
-                continue  # OpenVINO's own path is converted for captioning only
+            if (kind in OV_NATIVE and model != "caption") or (model in BLIP2 and kind not in BLIP2_KINDS):
+                continue  # OpenVINO's own path is converted for captioning only; BLIP-2: BLIP2_KINDS
             if _current(bundle(scale, model, kind)):
                 continue
             shutil.rmtree(bundle(scale, model, kind), ignore_errors=True)  # absent, or of an older format
@@ -132,13 +140,17 @@ def make(scale: str, model: str, kind: str) -> str | None:
     # measure the weights' randomness instead of the speed of the int8 graph.
     bound = None if kind.startswith("int8") else INT8_BOUND
     from blip_export.bundle import export_bundle
+    from blip_export.config import read_config
+    from blip_export.families import family
     from blip_export.pipeline import ORT_ONLY, resolve_precision
 
     source = bundle(scale, model, "fp32")
+    ckpt = folder(scale, model) / "ckpt"
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
-        if resolve_precision(kind) in ORT_ONLY:  # as blip-export does: from graphs with ONNX Runtime's operators
+        # as blip-export does: the ORT-only forms from graphs with ONNX Runtime's attention, where the family has them
+        if resolve_precision(kind) in ORT_ONLY and family(read_config(ckpt).family).ort_attention_forms:
             source = Path(tmp) / "fp32-ort"
-            export_bundle(folder(scale, model) / "ckpt", source, ort_attention=True)
+            export_bundle(ckpt, source, ort_attention=True)
         convert_bundle(source, dst, kind, images(len(CALIB_TEXTS), seed=100), CALIB_TEXTS, bound=bound)
     return None
 

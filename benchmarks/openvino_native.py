@@ -190,7 +190,7 @@ class OvNativeContender:
         vision = core.compile_model(folder / "vision.xml", "CPU", config)
         decoder = core.compile_model(folder / "decoder.xml", "CPU", config)
         self.vision, self.decoder = vision.create_infer_request(), decoder.create_infer_request()
-        compute = str(vision.get_property("INFERENCE_PRECISION_HINT"))
+        compute = vision.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         what = {"fp32": "fp32", "bf16": "fp32 models", "int8": "NNCF int8 vision, int8 decoder weights",
                 "int4": "NNCF int8 vision, int4 decoder weights"}[self.variant]
         return {"openvino": ov.__version__, "nncf": s["nncf"], "threads": THREADS, "session": "OvNative",
