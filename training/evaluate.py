@@ -33,15 +33,19 @@ MODELS = ("easyvqa-caption", "easyvqa-vqa", "easyvqa-itm")
 
 
 def ensure_bundles(engines: Path, precision: str) -> dict[str, Path]:
-    """name -> bundle folder of `precision`, exporting whatever is missing."""
+    """name -> bundle folder of `precision`, exporting whatever is missing or was exported from other
+    weights than the shipped checkpoint's (the manifest's source checksum differs)."""
+    from blip_export.bundle import folder_checksum
     from blip_export.defaults import default_models
     from blip_export.pipeline import export, resolve_precision
 
     out = {}
     for name, folder in default_models().items():
         dest = engines / f"{name}-{resolve_precision(precision)}"  # "int8" is int8-cpu's folder
-        if not (dest / "manifest.json").is_file():
-            print(f"exporting {name} {precision}", flush=True)
+        manifest = dest / "manifest.json"
+        source = json.loads(manifest.read_text()).get("build", {}).get("source_sha256") if manifest.is_file() else None
+        if source != folder_checksum(folder):
+            print(f"exporting {name} {precision}{' (stale bundle)' if source else ''}", flush=True)
             export(folder, dest, precision=precision)
         out[name] = dest
     return out
