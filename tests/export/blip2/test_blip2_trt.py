@@ -248,32 +248,70 @@ def test_external_data_builds_from_paths(bundles, external, monkeypatch, tmp_pat
 
 
 # -- (c) fp16 and int8 (Q/DQ) forms --------------------------------------------------------------
-@pytest.mark.parametrize("kind", list(KINDS))
-def test_precision_forms_are_typed_and_parse(bundles, tmp_path, kind):
-    """Every BLIP-2 graph in fp16 (fp32 islands) and int8 (symmetric Q/DQ, every layer quantized):
-    every node's output type is determined and TensorRT's ONNX parser takes every node."""
-    from blip_export.precision import to_fp16
-    from blip_export.quantize import to_int8
+FORMS = ("fp16", "int8-qdq")
 
-    manifest = load_manifest(bundles(kind))
-    d = manifest.dims
-    for name, spec in manifest.graphs.items():
-        src = manifest.graph_path(name)
-        feeds = [random_feeds(spec, d, sizes, seed=i) for i, sizes in enumerate(verify_sizes(d))]
-        to_fp16(src, tmp_path / f"{name}.fp16.onnx", name)
-        to_int8(src, tmp_path / f"{name}.int8.onnx", name, feeds, bound=None)
-        for form in ("fp16", "int8"):
-            path = tmp_path / f"{name}.{form}.onnx"
-            check_typed(path)
-            model = onnx.load(str(path))
-            ops = {n.op_type for n in model.graph.node}
-            found = problems(model)
-            print(f"{kind} {name} {form}: {len(model.graph.node)} nodes, problems {found[:3]}")
-            assert found == [], f"{kind} {name} {form}: " + "; ".join(found[:5])
-            if form == "fp16":
-                assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer), name
-            else:
-                assert {"QuantizeLinear", "DequantizeLinear"} <= ops, name
+
+@pytest.fixture(scope="module")
+def converted(bundles):
+    """(kind, form) -> the fp32 bundle converted by convert_bundle (int8: every layer quantized, no
+    exclusion search, calibrated on synthetic images at the checkpoint's size)."""
+    from blip_export.precision import convert_bundle, synthetic_images
+
+    made = {}
+
+    def get(kind: str, form: str):
+        if (kind, form) not in made:
+            src = bundles(kind)
+            size = load_manifest(src).dims.image_size
+            made[kind, form] = src.parent / form
+            convert_bundle(src, made[kind, form], form, calib_images=synthetic_images(8, size), bound=None)
+        return made[kind, form]
+
+    return get
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_precision_forms_are_typed_and_parse(converted, kind, form):
+    """Every graph of the fp16 (fp32 islands) and int8 (symmetric Q/DQ) bundles: every node's output type
+    is determined (a strongly typed network needs it) and TensorRT's ONNX parser takes every node."""
+    manifest = load_manifest(converted(kind, form))
+    assert manifest.data["precision"] == form
+    kinds = set()
+    for name, entry in manifest.data["graphs"].items():
+        path = manifest.graph_path(name)
+        check_typed(path)
+        model = onnx.load(str(path))
+        found = problems(model)
+        held = entry["precision"]["precision"]  # the family keeps some graphs fp32 whole (the Q-Former)
+        print(f"{kind} {form} {name}: {held}, {len(model.graph.node)} nodes, problems {found[:3]}")
+        assert found == [], f"{kind} {form} {name}: " + "; ".join(found[:5])
+        if held == "fp16":
+            assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer), name
+        elif held == "int8-qdq":
+            assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in model.graph.node}, name
+        kinds.add(held)
+    assert form in kinds and "vision" in manifest.graphs and \
+        manifest.data["graphs"]["vision"]["precision"]["precision"] == form
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_precision_bundles_build_engines(converted, monkeypatch, tmp_path, kind, form):
+    """The fp16 and int8 bundles go through the engine build (the parser check of every graph, a strongly
+    typed network from each path, profiles from the table) and generate the ONNX bundle's tokens."""
+    cuda = fake_trt.install(monkeypatch)
+    source = converted(kind, form)
+    build_engines(source, tmp_path / "trt", BUILD_LIMITS, None)
+    assert len(cuda.parsed) == len(load_manifest(source).graphs)
+    assert all(loader._network.strongly_typed for loader in cuda.parsed)
+    trt = load_manifest(tmp_path / "trt")
+    assert trt.data["precision"] == form and trt.data["target"] == "trt"
+    ours = BlipRuntime.load(trt.folder)
+    got, want = _results(ours, kind), _results(BlipRuntime.load(source), kind)
+    print(f"{kind} {form}: {got[0]}")
+    assert got == want
+    ours.session.close()
 
 
 # -- (d) TensorRT 10 and 11: strongly typed, no precision flags, no calibrator -------------------
