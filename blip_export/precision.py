@@ -34,7 +34,7 @@ from .calibration import calibration_feeds, compare_runtimes
 from .families import family
 from .measure import check_typed, graph_errors, ort_session, run_all, set_metadata, tensor_types
 from .quantize import HOLDOUT_FRACTION, INT8_BOUND, to_int8, to_int8_cpu
-from .weight_only import to_int4
+from .weight_only import INT4_BLOCK, INT4_BOUND, INT4_MIN_TOP1, to_int4
 
 # fp32 islands of the fp16 graphs, by op type. Why each:
 # - LayerNormalization: the variance is a mean of squares; fp16 overflows once |x| passes ~256 and
@@ -233,12 +233,17 @@ def convert_bundle(
     bound: float | None = INT8_BOUND,
     method: str = "minmax",
     progress=None,
+    int4_bounds: tuple[float, float] = (INT4_BOUND, INT4_MIN_TOP1),
+    int4_block: int = INT4_BLOCK,
 ) -> dict:
     """Write the `precision` form of the fp32 bundle at `fp32_bundle` to `dst`; returns its manifest.
     precision: fp16, int8-qdq (symmetric Q/DQ: TensorRT's form, and ONNX Runtime's TensorRT / CUDA
-    providers'), int8-cpu (ONNX Runtime's CPU form), or int8, which means int8-cpu here (an ONNX
-    bundle: pipeline.resolve_precision). For int8-cpu, blip-export converts from an fp32 bundle exported with ort_attention=True (its
-    attention as ONNX Runtime's MultiHeadAttention); a standard fp32 bundle converts as well.
+    providers'), int8-cpu (ONNX Runtime's CPU form), int8, which means int8-cpu here (an ONNX
+    bundle: pipeline.resolve_precision), or int4 (the graphs of ROLE_GEMV, the decoding loop's step,
+    with 4-bit weights: weight_only.to_int4; the others as int8-cpu). For int8-cpu and int4,
+    blip-export converts from an fp32 bundle exported with ort_attention=True (its attention as ONNX
+    Runtime's MultiHeadAttention) where the family has that form; a standard fp32 bundle converts as well.
+    The family's rules for each graph (ExportFamily.precision_policy) apply on top of the core's.
 
     calib_images (paths, PIL images or uint8 HxWx3 arrays) with optional calib_texts (one caption
     or question per image): int8 is calibrated on them. Held-out images measure the accuracy: given,
@@ -247,6 +252,8 @@ def convert_bundle(
     bound: the largest relative error an int8 graph may have on held-out feeds before layer groups
     are kept in fp32 (quantize.search_exclusions); None quantizes every layer with no search (the
     layers excluded by rule stay excluded); method: int8 calibration (minmax, percentile, entropy).
+    int4_bounds: (relative error, top-1 agreement) of int4 graphs (bound None: no search either);
+    int4_block: their weight block size (weight_only.INT4_BLOCK, measured there).
     """
     from .pipeline import resolve_precision  # pipeline imports this module lazily
 
@@ -294,7 +301,8 @@ def convert_bundle(
                 info = to_int8(source, target, name, calib[name], held[name], bound=bound, method=method, progress=say,
                                layer_groups=policy.layer_groups)
             elif precision == "int4" and gemv:
-                info = to_int4(source, target, name, held[name], bound=bound, progress=say,
+                info = to_int4(source, target, name, held[name], bound=None if bound is None else int4_bounds[0],
+                               min_top1=int4_bounds[1], block_size=int4_block, progress=say,
                                layer_groups=policy.layer_groups)
             else:  # int8-cpu, and int4's graphs of many rows
                 info = to_int8_cpu(source, target, name, held[name], bound=bound, progress=say, gemv=gemv,
