@@ -118,6 +118,11 @@ def build_engines(bundle_dir: Path, dst: Path, limits: Limits, timing_cache: Pat
             more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
             raise TrtBuildError(f"{path}: TensorRT's ONNX parser would refuse it: {found[0]}{more}")
     try:
+        # limits the graphs cannot take (e.g. past OPT's position table) stop here, before any build
+        axes = family(source.data["family"]).axes(source.dims, limits)
+    except ValueError as e:
+        raise TrtBuildError(f"{bundle_dir}: {e}") from None
+    try:
         dst = check_output(dst)
     except ExportError as e:
         raise TrtBuildError(str(e)) from None
@@ -125,7 +130,6 @@ def build_engines(bundle_dir: Path, dst: Path, limits: Limits, timing_cache: Pat
         copy_file(source.folder / source.data["tokenizer"]["file"], tmp / source.data["tokenizer"]["file"])
         info = _build_info(timing_cache, tf32)
         entries = {}
-        axes = family(source.data["family"]).axes(source.dims, limits)
         for name, spec in source.graphs.items():
             shapes = profile_shapes(spec, axes)
             say(f"building the {name} engine")

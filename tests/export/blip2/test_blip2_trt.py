@@ -177,12 +177,20 @@ def test_limits_at_the_end_of_the_position_table(bundles):
     assert table[PAST][2] + 1 <= d.max_position_embeddings
 
 
-def test_limits_beyond_the_position_table(bundles):
+def test_limits_beyond_the_position_table(bundles, monkeypatch, tmp_path):
+    """Refused in one line by the table and by the engine build, before anything is built or written."""
+    from blip_export.trt_build import TrtBuildError
+
     d = load_manifest(bundles("opt")).dims
     new = d.max_position_embeddings + 2 - d.num_query_tokens - 40  # one position more than the table has
+    limits = Limits(max_text_len=40, max_new_tokens=new)
     with pytest.raises(ValueError, match=rf"exceed OPT's {d.max_position_embeddings} positions") as e:
-        axes(d, Limits(max_text_len=40, max_new_tokens=new))
+        axes(d, limits)
     assert "\n" not in str(e.value)
+    cuda = fake_trt.install(monkeypatch)
+    with pytest.raises(TrtBuildError, match=rf"max_new_tokens {new} exceed OPT's {d.max_position_embeddings} positions"):
+        build_engines(bundles("opt"), tmp_path / "trt", limits, None)
+    assert cuda.parsed == [] and list(tmp_path.iterdir()) == []
 
 
 # -- (b) the engine build, path by path, with external data --------------------------------------
