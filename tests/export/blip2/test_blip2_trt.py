@@ -165,9 +165,11 @@ def test_profiles_from_table(bundles, kind, limits):
             manifest.graphs["t5_encoder"], table)["attention_mask"]]
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="graphs.axes requires queries + max_text_len + max_new_tokens + 1 <= "
-                                       "max_position_embeddings; the runtime needs only that sum - 2 (its last "
-                                       "generated token is never fed), so limits at the table's end are refused")
+# graphs.axes asks Q + max_text_len + max_new_tokens + 1 <= max_position_embeddings (its past bound, P + N,
+# is two above the longest cache a step is fed); the runtime's own check (_check_positions) asks only
+# P + N - 1 <= max_position_embeddings, the last generated token being never fed
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="graphs.axes refuses OPT limits at the end of the position table that the runtime accepts")
 def test_limits_at_the_end_of_the_position_table(bundles):
     """OPT's limits may use every position the runtime itself allows (_check_positions)."""
     d = load_manifest(bundles("opt")).dims
