@@ -1,0 +1,136 @@
+"""BLIP-2 int8 bundles, int8-qdq (calibrated on images and the fp32 model's own generated text) and
+int8-cpu: every graph quantized (the Q-Former's too) but the layer groups the measured search keeps,
+errors against fp32 on fresh feeds printed and bounded, the held-out bound the search guarantees,
+end-to-end agreement in the manifest and printed by blip-export, and layer groups that name one role
+across the layers for every BLIP-2 graph (T5's node names included)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from blip2_precision_bundles import KINDS, TEXTS, Bundles, images
+from blip_export.calibration import calibration_feeds
+from blip_export.families import family
+from blip_export.measure import graph_errors, ort_session, run_all
+from blip_export.quant_search import INT8_BOUND, INT8_MIN_TOP1, layer_group, quantizable_nodes
+from blip_runtime import BlipRuntime
+from blip_runtime.manifest import load_manifest
+
+QDQ = {"QuantizeLinear", "DequantizeLinear"}
+ORT_INT8 = {"DynamicQuantizeMatMul", "MatMulInteger", "MatMulNBits"}
+CASES = [(k, p) for k in KINDS for p in ("int8-qdq", "int8-cpu")]
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    return Bundles(tmp_path_factory.mktemp("blip2-int8"))
+
+
+@pytest.mark.parametrize("kind,precision", CASES)
+def test_int8_graphs_against_fp32(bundles, kind, precision):
+    """Fresh images (not the held-out ones the search measured): within twice the bound, as BLIP's."""
+    fp32, ours = load_manifest(bundles(kind)), load_manifest(bundles(kind, precision))
+    assert ours.data["precision"] == precision
+    feeds = calibration_feeds(bundles(kind), images(3, seed=40), TEXTS[2:5], max_new_tokens=6)
+    for name in ours.graphs:
+        info = ours.data["graphs"][name]["precision"]
+        path = ours.graph_path(name)
+        err = graph_errors(run_all(ort_session(path), feeds[name]), run_all(ort_session(fp32.graph_path(name)), feeds[name]))
+        held = ours.data["accuracy"]["graphs"][name]
+        top1 = f", top-1 {err['top1']:.3f}" if "top1" in err else ""
+        print(f"{kind} {precision} {name}: max abs {err['max_abs']:.3e}, relative {err['rel']:.3e}{top1} (held-out "
+              f"relative {held['rel']:.3e}); kept fp32: {info['excluded_groups']}")
+        assert np.isfinite(err["max_abs"]) and err["rel"] < 2 * INT8_BOUND, (name, err["rel"])
+        assert info["exclusion_search"] == "on" and info["precision"] == precision
+        ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+        groups = len(info["sensitivity"]) or 1
+        if len(info["excluded_groups"]) < groups:  # something is quantized: every graph, the Q-Former's too
+            assert set(ops) & (QDQ if precision == "int8-qdq" else ORT_INT8), (name, dict(ops))
+        if precision == "int8-qdq":
+            assert held["rel"] <= INT8_BOUND and held.get("top1", 1.0) >= INT8_MIN_TOP1, held
+            assert info["calibration"]["feeds"] > 0
+            assert len(info["excluded_by_rule"]) == ops["Softmax"], "every probabilities @ V MatMul stays float"
+
+
+@pytest.mark.parametrize("kind,precision", CASES)
+def test_int8_end_to_end(bundles, kind, precision):
+    """Generated text, ITM, ITC, features against fp32 on the held-out images (the manifest's accuracy),
+    printed; loose bounds, as for BLIP: tiny random models have logit margins of ~0.1, so one flipped
+    token changes a whole sequence."""
+    e2e = load_manifest(bundles(kind, precision)).data["accuracy"]["end_to_end"]
+    print(f"{kind} {precision} end to end on {e2e['images']} held-out images: {json.dumps(e2e)}")
+    expected = {"opt": {"caption", "caption_prompted", "vqa"}, "t5": {"caption", "caption_prompted", "vqa"},
+                "itm": {"itm", "itc"}, "model": {"caption", "features", "text_states"}}[kind]
+    assert expected <= set(e2e), sorted(e2e)
+    generated = [e2e[k]["identical"] for k in ("caption", "caption_prompted", "vqa") if k in e2e]
+    assert not generated or max(generated) >= 0.25, generated
+    for key in ("itm", "itc"):
+        if key in e2e:
+            assert e2e[key]["max_abs"] < 0.05, e2e[key]
+    rt = BlipRuntime.load(bundles(kind, precision))
+    if "generate" in rt.tasks:
+        assert all(isinstance(t, int) for seq in rt.caption_tokens(images(1, seed=3), max_new_tokens=3) for t in seq)
+
+
+def _groups(bundle: Path, graph: str) -> Counter:
+    data = json.loads((bundle / "manifest.json").read_text())
+    policy = family("blip-2").precision_policy(graph, data)
+    nodes = quantizable_nodes(bundle / data["graphs"][graph]["file"], ("MatMul", "Gemm"), True)
+    return Counter(policy.layer_groups(nodes) if policy.layer_groups else [layer_group(n) for n in nodes])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_layer_groups_are_roles_across_layers(bundles, kind):
+    """Each group of a layer's MatMuls holds that role of every layer (vision, Q-Former, OPT or T5
+    blocks); the heads are groups of one. T5's node names carry the block as a scope suffix, which
+    the family's grouping removes (the core's alone would give one group per block)."""
+    bundle = bundles(kind)
+    config = json.loads((bundles.checkpoint(kind) / "config.json").read_text())
+    layers = {"vision": config["vision_config"]["num_hidden_layers"], "qformer": config["qformer_config"]["num_hidden_layers"]}
+    lm = config.get("text_config", {})
+    for graph in load_manifest(bundle).graphs:
+        groups = _groups(bundle, graph)
+        print(f"{kind} {graph}: {dict(groups)}")
+        sizes = {n for g, n in groups.items() if "head" not in g and g != "/MatMul"}
+        if graph == "vision":
+            assert sizes == {layers["vision"]}, groups
+        elif graph in ("qformer", "itm", "text_features"):
+            # cross-attention every cross_attention_frequency layers, and the text branch of the
+            # retrieval graphs: every group holds one role, across the layers that have it
+            assert all("layer.*" in g for g in groups if "head" not in g and "projection" not in g
+                       and "proj" not in g), groups
+            assert max(sizes) == layers["qformer"], groups
+        elif lm.get("model_type") == "t5" or graph.startswith("t5"):
+            assert sizes == {lm["num_layers"]}, groups
+            assert not [g for g in groups if any(p.rsplit("_", 1)[-1].isdigit() and not p.startswith("wi_")
+                                                  for p in g.split("/")[:-1])], groups
+        else:  # OPT
+            assert sizes == {lm["num_hidden_layers"]}, groups
+    if kind == "t5":  # what the core's naming alone would do to T5
+        data = json.loads((bundle / "manifest.json").read_text())
+        nodes = quantizable_nodes(bundle / data["graphs"]["t5_step"]["file"], ("MatMul",), True)
+        core = Counter(layer_group(n) for n in nodes)
+        assert [g for g in core if "/k_1/" in g] and core["/layer.*/q/MatMul"] == 2, core  # per block; q's mixed
+
+
+def test_blip_export_prints_the_accuracy_report(bundles, tmp_path, capsys):
+    """blip-export --precision int8 on a BLIP-2 checkpoint: int8-cpu from the standard fp32 graphs (BLIP-2
+    has no ONNX Runtime attention form), per-graph errors and end-to-end agreement printed."""
+    from blip_export.cli import main
+
+    capsys.readouterr()
+    assert main([str(bundles.checkpoint("opt")), "--precision", "int8", "-o", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    print(out)
+    manifest = load_manifest(tmp_path / "b")
+    assert manifest.data["precision"] == "int8-cpu" and "attention_op" not in manifest.data
+    for graph in manifest.graphs:
+        assert f"  {graph:<14} max abs error" in out and "(int8-cpu vs fp32)" in out, graph
+    for task in ("caption", "caption_prompted", "vqa"):
+        assert f"end to end {task}: " in out, task
