@@ -145,6 +145,10 @@ def build_engines(bundle_dir: Path, dst: Path, limits: Limits, timing_cache: Pat
                 "profile": {k: [list(s) for s in v] for k, v in shapes.items()},
                 "onnx_sha256": source.data["graphs"][name].get("sha256"),
                 "build_seconds": round(time.time() - start, 2),
+                # what the graph holds in each precision (fp32 islands, excluded int8 layers): the
+                # engine computes in exactly those types, so the bundle keeps saying so
+                **({"precision": source.data["graphs"][name]["precision"]}
+                   if "precision" in source.data["graphs"][name] else {}),
             }
         manifest = {
             **source.data, "target": "trt", "limits": asdict(limits), "axes": axes_to_dict(axes), "graphs": entries,

@@ -317,6 +317,8 @@ def test_precision_bundles_build_engines(converted, monkeypatch, tmp_path, kind,
     assert all(loader._network.strongly_typed for loader in cuda.parsed)
     trt = load_manifest(tmp_path / "trt")
     assert trt.data["precision"] == form and trt.data["target"] == "trt"
+    for name, entry in load_manifest(source).data["graphs"].items():  # which layers stayed fp32, per graph
+        assert trt.data["graphs"][name]["precision"] == entry["precision"], name
     ours = BlipRuntime.load(trt.folder)
     got, want = _results(ours, kind), _results(BlipRuntime.load(source), kind)
     print(f"{kind} {form}: {got[0]}")
