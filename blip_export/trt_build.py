@@ -46,6 +46,9 @@ def engine_loader(onnx_path: Path, shapes: dict, timing_cache: Path | None, *, s
     tf32 stays off by default: an fp32 graph then computes in fp32, as ONNX Runtime does."""
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
+    # Only what TensorRT 11 kept is asked for: CreateConfig touches the BuilderFlags it removed (FP16,
+    # INT8, BF16, FP8, OBEY/PREFER_PRECISION_CONSTRAINTS, DIRECT_IO), the INT8 calibrator, quantization
+    # flags and algorithm selectors only when told to, and clearing TF32 tolerates a missing flag.
     profile = Profile()
     for name, (lo, opt, hi) in shapes.items():
         profile.add(name, min=lo, opt=opt, max=hi)
