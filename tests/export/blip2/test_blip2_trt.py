@@ -219,11 +219,12 @@ def _results(rt, kind: str) -> list:
     if kind == "itm":
         return [rt.match(imgs, ["a red circle", "two dogs", "a photo"]).tolist(),
                 rt.text_features(["a red circle", "two"]).tolist()]
-    return [rt.caption_tokens(imgs, max_new_tokens=6), rt.answer_tokens(imgs, ["what color", "what", "two"], max_new_tokens=5),
-            rt.caption_tokens(imgs, "a photo of", num_beams=3, max_new_tokens=5)]
+    out = [rt.caption_tokens(imgs, max_new_tokens=6), rt.answer_tokens(imgs, ["what color", "what", "two"], max_new_tokens=5),
+           rt.caption_tokens(imgs, "a photo of", num_beams=3, max_new_tokens=5)]
+    return out + [rt.qformer_features(imgs).tolist()] if kind == "features" else out
 
 
-@pytest.mark.parametrize("kind", ["opt", "t5", "itm"])
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_external_data_builds_from_paths(bundles, external, monkeypatch, tmp_path, kind):
     cuda = fake_trt.install(monkeypatch)
     source = load_manifest(external(kind))
