@@ -52,11 +52,13 @@ def hf_config(scale: str):
     return make(BASE_VISION, BASE_TEXT) if scale == "base" else make()
 
 
-def build(scale: str = "base", kinds=KINDS, rebuild: bool = False, say=print) -> dict[str, str]:
-    """Checkpoints and the bundles of `kinds` (fp32 always) for every model; returns
+def build(scale: str = "base", kinds=KINDS, rebuild: bool = False, say=print, only=MODELS) -> dict[str, str]:
+    """Checkpoints and the bundles of `kinds` (fp32 always) for every model in `only`; returns
     {f"{model}/{kind}": note} for the kinds that could not be made."""
     notes = {}
     for i, model in enumerate(MODELS):
+        if model not in only:
+            continue
         ckpt = folder(scale, model) / "ckpt"
         if rebuild and folder(scale, model).exists():
             shutil.rmtree(folder(scale, model))
@@ -166,7 +168,8 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scale", choices=("base", "tiny"), default="base")
     p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated bundle kinds: {', '.join(KINDS)}")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated checkpoints to build")
     p.add_argument("--rebuild", action="store_true")
     args = p.parse_args()
-    for key, note in build(args.scale, args.kinds.split(","), args.rebuild).items():
+    for key, note in build(args.scale, args.kinds.split(","), args.rebuild, only=args.models.split(",")).items():
         print(f"{key}: {note}")

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from . import models
-from .cases import NEW_TOKENS
+from . import report_sections as more
+from .cases import BLIP2, NEW_TOKENS
 from .limits import decoder_weight_bytes, vision_flops
 
 STAGES = ("preprocess", "vision", "text_encoder", "cross_kv", "decoder_step")
@@ -70,6 +71,11 @@ def fmt_s(seconds: float | None) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
+def blip_cases(results) -> list[dict]:
+    """The BLIP-base cases (BLIP-2's have a section of their own: report_sections.blip2_lines)."""
+    return [c for c in results["cases"] if c["model"] not in BLIP2]
+
+
 def forms(results) -> dict[str, str]:
     """{contender: the precision form its bundle holds}, for the bundle contenders that ran."""
     return {w["contender"]: w["info"]["form"] for w in results["workers"] if "form" in w.get("info", {})}
@@ -84,7 +90,7 @@ def label(results, contender: str) -> str:
 def main_table(results, table, order) -> list[str]:
     base = results["baseline"]
     lines = ["| case | work | " + " | ".join(label(results, c) for c in order) + " |", "|---|---|" + "---|" * len(order)]
-    for case in results["cases"]:
+    for case in blip_cases(results):
         row = table.get(case["name"], {})
         work = f"batch {case['batch']}" + (f", {case['num_beams']} beams" if case["num_beams"] > 1 else "")
         if case["task"] in ("caption", "vqa"):
@@ -108,7 +114,7 @@ def main_table(results, table, order) -> list[str]:
 def stage_table(results, table, order) -> list[str]:
     lines = ["| case | contender | " + " | ".join(STAGE_NAMES[s] for s in STAGES) + " | per token | other | total |",
              "|---|---|" + "---:|" * (len(STAGES) + 3)]
-    for case in results["cases"]:
+    for case in blip_cases(results):
         for c in order:
             s = table.get(case["name"], {}).get(c)
             if s is None:
@@ -398,7 +404,10 @@ def markdown(results: dict) -> str:
         out += ["> **Warning: other processes used the CPU during this run; the numbers are not trustworthy.** "
                 + who, ""]
     out += ["## Machine", "",
-            f"- CPU: {m['cpu']}, {m['cores']} cores, {m['ram_gib']:.0f} GiB RAM; every contender uses "
+            f"- CPU: {m['cpu']}" + (f" (lscpu Model name: {m['lscpu_model']}, family {m.get('cpu_family')}, "
+                                    f"model {m.get('cpu_model')}, {m.get('hypervisor') or 'no hypervisor'})"
+                                    if m.get("lscpu_model") else "")
+            + f", {m['cores']} cores, {m['ram_gib']:.0f} GiB RAM; every contender uses "
             f"{m['threads_used']} threads. {m['os']}",
             "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
             f"- Load average (1 min) before / after: {results['load']['loadavg']['before'][0]:.2f} / "
@@ -410,9 +419,14 @@ def markdown(results: dict) -> str:
             + " timed runs — chosen to keep the whole run under ~15 min on 2 cores, so p90 of 2-7 runs is close "
             f"to the slowest run). Bold: speed-up over {base} (its median / ours). Preprocessing (resize, "
             "normalize, tokenize) is included for every contender.", "",
-            *main_table(results, table, order), "", "## Targets", "", "| target | measured | |", "|---|---|---|"]
+            *main_table(results, table, order), "", "Contenders and the form each timed:", "",
+            *more.contender_lines(results), "", "## Targets", "",
+            "| target | measured | | why missed |", "|---|---|---|---|"]
+    verdict = lambda met: "met" if met else "not measured" if met is None else "**missed**"  # noqa: E731
     for what, measured, met in targets(results, table, lf):
-        out.append(f"| {what} | {measured} | {'met' if met else 'not measured' if met is None else '**missed**'} |")
+        out.append(f"| {what} | {measured} | {verdict(met)} | {'see below' if met is False else ''} |")
+    for what, measured, met, why in more.more_targets(results, table):
+        out.append(f"| {what} | {measured} | {verdict(met)} | {why if met is False else ''} |")
     out += paired_lines(results.get("paired"))
     budget = budget_lines(table, lf, base)
     if budget:
@@ -451,6 +465,10 @@ def markdown(results: dict) -> str:
         if lf.get(f"{c}/per_token"):
             out.append(f"  - {c}: {fmt_s(lf[f'{c}/per_token'])} per token (caption greedy) = "
                        f"**{lf[f'{c}/per_token'] / lf['read_s']:.2f}×** the weight-read time.")
+    out += more.int8_limit_lines(results, table, lf)
+    out += ["", "## OpenVINO", "", *more.openvino_lines(results, table), "",
+            "## BLIP-2 (stages: vision, Q-Former, prefill, steps)", "", *more.blip2_lines(results, lf), "",
+            "## Memory and start-up", "", *more.memory_startup_lines(results)]
     out += ["", "## ONNX Runtime profiles (fp32 bundle)", "",
             "`SessionOptions.enable_profiling`, median per op type over 5 runs (the profiler adds its own "
             "overhead, so absolute times are above the end-to-end stage times).", "",

@@ -31,7 +31,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import models, paired, report
-from .cases import CASES, MODELS, WARMUP
+from .cases import BLIP2, CASES, MODELS, WARMUP
 from .contenders import BASELINE, CONTENDERS, THREADS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,8 +43,16 @@ def machine() -> dict:
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": psutil.virtual_memory().total / 2**30,
-            "os": platform.platform(), "threads_used": THREADS}
+    lscpu = {}
+    try:  # the CPU's model as lscpu names it (a VM may show only the vendor's family name there)
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        lscpu = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    except OSError:
+        pass
+    field = lambda name: lscpu.get(name, "").strip() or None  # noqa: E731
+    return {"cpu": cpu, "lscpu_model": field("Model name"), "cpu_family": field("CPU family"),
+            "cpu_model": field("Model"), "hypervisor": field("Hypervisor vendor"), "cores": os.cpu_count(),
+            "ram_gib": psutil.virtual_memory().total / 2**30, "os": platform.platform(), "threads_used": THREADS}
 
 
 def versions() -> dict:
@@ -136,6 +144,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-fusions", action="store_true", help="skip the ORT transformer-optimizer what-if")
     p.add_argument("--out", type=Path, default=HERE, help="folder for RESULTS.md, results.png, results.json")
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached checkpoints and bundles")
+    p.add_argument("--allow-loaded", action="store_true",
+                   help="write to --out even when other processes used the CPU (default: benchmarks/.cache/loaded-run)")
     args = p.parse_args(argv)
     start = time.time()
     watch = LoadWatch()
@@ -153,9 +163,11 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown contender(s) {sorted(unknown)}; expected some of {sorted(CONTENDERS)}")
     kinds = [k for name in wanted for k in CONTENDERS[name]().needs]
-    results["setup_notes"] = models.build(args.scale, kinds, args.rebuild,
-                                          say=lambda m: print(f"setup: {m}", file=sys.stderr))
     chosen = set(args.cases.split(",")) if args.cases else None
+    # build only what the cases run, and the caption model always: the limits section and the profiles are about it
+    needed = {"caption"} | {c.model for c in CASES if chosen is None or c.name in chosen}
+    results["setup_notes"] = models.build(args.scale, kinds, args.rebuild,
+                                          say=lambda m: print(f"setup: {m}", file=sys.stderr), only=needed)
     jobs, skipped = [], {}
     for name in wanted:
         contender = CONTENDERS[name]()
@@ -198,11 +210,21 @@ def main(argv=None) -> int:
         results["profile"] = run_json("profile_ort", profile_args, logs / "profile.json", logs / "profile.log")
         bar.update(1)
     results["model"] = report.model_facts(args.scale)
+    if any(w["model"] in BLIP2 for w in results["workers"]):
+        from .blip2_cases import facts
+
+        results["blip2_model"] = facts(args.scale, sorted({w["info"].get("kind") for w in results["workers"]
+                                                           if w["model"] in BLIP2 and w["info"].get("kind")}))
     results["load"] = watch.stop()
     if results["load"]["busy"]:
         print(f"WARNING: other processes used the CPU during the run: {results['load']['busy']}; "
               "numbers taken under load are wrong", file=sys.stderr)
     results["wall_seconds"] = time.time() - start
+    if results["load"]["busy"] and args.out.resolve() == HERE and not args.allow_loaded:
+        args.out = models.CACHE / "loaded-run"  # a loaded machine's numbers never replace the idle run's
+        args.out.mkdir(parents=True, exist_ok=True)
+        print(f"the machine was loaded: writing to {args.out} instead of {HERE} (--allow-loaded overrides)",
+              file=sys.stderr)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     report.write(results, args.out)
     print(f"wrote {args.out / 'RESULTS.md'}, results.png, results.json in {results['wall_seconds'] / 60:.1f} min",
