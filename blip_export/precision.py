@@ -297,16 +297,24 @@ def convert_bundle(
                 info = keep_fp32(source, target, name, policy.keep_fp32)
             elif precision == "fp16":
                 info = to_fp16(source, target, name, policy.fp16_islands, policy.notes)
-            elif precision == "int8-qdq":
-                info = to_int8(source, target, name, calib[name], held[name], bound=bound, method=method, progress=say,
-                               layer_groups=policy.layer_groups)
             elif precision == "int4" and gemv:
                 info = to_int4(source, target, name, held[name], bound=None if bound is None else int4_bounds[0],
                                min_top1=int4_bounds[1], block_size=int4_block, progress=say,
                                layer_groups=policy.layer_groups)
-            else:  # int8-cpu, and int4's graphs of many rows
-                info = to_int8_cpu(source, target, name, held[name], bound=bound, progress=say, gemv=gemv,
-                                   layer_groups=policy.layer_groups)
+            else:  # int8-qdq, int8-cpu, and int4's graphs of many rows
+                if precision == "int8-qdq":
+                    def quantize(s, t, name=name):
+                        return to_int8(s, t, name, calib[name], held[name], bound=bound, method=method, progress=say,
+                                       layer_groups=policy.layer_groups)
+                else:
+                    def quantize(s, t, name=name, gemv=gemv):
+                        return to_int8_cpu(s, t, name, held[name], bound=bound, progress=say, gemv=gemv,
+                                           layer_groups=policy.layer_groups)
+                if policy.smooth_alpha is None:
+                    info = quantize(source, target)
+                else:
+                    info = _smoothed_or_not(quantize, source, target, name, policy.smooth_alpha,
+                                            calib.get(name) or held[name], bound, say)
             accuracy[name] = graph_errors(run_all(ort_session(target), held[name]), run_all(ort_session(source), held[name]))
             say(f"{name}: max abs {accuracy[name]['max_abs']:.3e}, relative {accuracy[name]['rel']:.3e}")
             # the converted graph's own files: a data file of the fp32 graph may not exist for it
@@ -333,6 +341,38 @@ def convert_bundle(
         _write(tmp, data)
         install(tmp, dst)
     return data
+
+
+def _smoothed_or_not(quantize, source: Path, target: Path, graph: str, alpha: float, feeds: list[dict],
+                     bound: float | None, say) -> dict:
+    """`quantize(src, dst) -> info` (to_int8 / to_int8_cpu) from the fp32 graph and from its smoothed copy
+    (smoothquant.smooth_graph at `alpha`, activation ranges over `feeds`: the calibration feeds, or
+    int8-cpu's held-out ones, having none); the result whose search ended with the smaller error
+    (quant_search.badness) is written to `target`. info["smoothing"] says which and both errors."""
+    import tempfile
+
+    import onnx
+
+    from .quant_search import INT8_MIN_TOP1, badness
+    from .smoothquant import smooth_graph
+
+    with tempfile.TemporaryDirectory(prefix=f"smooth-{graph}-") as tmp:
+        work = Path(tmp)
+        plain = quantize(source, work / "plain.onnx")
+        smooth = smooth_graph(source, work / "smoothed-fp32.onnx", feeds, alpha)
+        record = {"alpha": alpha, "smoothed_norms": len(smooth["smoothed"]), "error_without": plain["error"]}
+        chosen, info = work / "plain.onnx", plain
+        if smooth["smoothed"]:
+            smoothed = quantize(work / "smoothed-fp32.onnx", work / "smoothed.onnx")
+            record["error_with"] = smoothed["error"]
+            score = lambda i: badness(i["error"], bound or INT8_BOUND, i.get("min_top1", INT8_MIN_TOP1))  # noqa: E731
+            if score(smoothed) < score(plain):
+                chosen, info = work / "smoothed.onnx", smoothed
+        record["kept"] = chosen.name == "smoothed.onnx"
+        say(f"{graph}: SmoothQuant alpha {alpha} {'kept' if record['kept'] else 'not kept'} "
+            f"(relative {plain['error']['rel']:.3e} without, {record.get('error_with', plain['error'])['rel']:.3e} with)")
+        save_graph(onnx.load(str(chosen)), target)
+    return {**info, "smoothing": record}
 
 
 def _write(folder: Path, data: dict) -> None:

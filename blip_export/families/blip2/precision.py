@@ -19,7 +19,8 @@ fp16, per graph:
   256 on, so it is kept whole, as the core keeps LayerNormalization.
 - t5_cross_kv: fp16 (two MatMuls per layer over the normalized encoder states).
 
-int8 (int8-qdq, int8-cpu, and the non-step graphs of int4): every graph is quantized, the Q-Former's
+int8 (int8-qdq, int8-cpu, and the non-step graphs of int4): OPT's graphs are tried with SmoothQuant
+smoothing first (OPT_SMOOTH_ALPHA; kept where it measures better). Every graph is quantized, the Q-Former's
 too, and the exclusion search keeps in fp32 what loses too much. Layer groups: the core's
 quantize.layer_group ("layers.N" -> "layers.*") names one role across the layers for ViT-g, the
 Q-Former ("layer.N" there is the BERT layer index) and OPT. T5's graphs are not named that way: the
@@ -37,6 +38,13 @@ from .. import GraphPrecision
 
 QFORMER_GRAPHS = ("qformer", "itm", "text_features")
 T5_GRAPHS = ("t5_encoder", "t5_step")  # and text_states when the LM is T5
+OPT_GRAPHS = ("opt_prefill", "opt_step")  # and text_states when the LM is OPT
+# SmoothQuant before int8 for OPT's graphs (OPT from 6.7B on has LayerNorm-output channels ~100x the
+# rest). Measured (benchmarks/smoothquant.py, an OPT with three x300 residual channels, 24 held-out
+# images): step logits relative error int8 Q/DQ 3.8e-2 -> 1.2e-2 with alpha 0.5 (2.0e-2 at 0.75,
+# 2.2e-2 at 0.85), int8-cpu dynamic 2.6e-2 -> 1.4e-2; identical captions 0.00 -> 1.00 (Q/DQ). The
+# conversion keeps the smoothed graph only where its measured error is the smaller (precision.py).
+OPT_SMOOTH_ALPHA = 0.5
 QFORMER_REASON = ("runs Q-Former layers, which stay fp32 as transformers keeps them (_keep_in_fp32_modules): "
                   "fp16 there is where BLIP-2 loses accuracy")
 T5_NOTES = ("Flan-T5: the feed-forward output projection (wo), the residual Adds and the RMSNorms stay fp32: "
@@ -55,6 +63,8 @@ def policy(graph: str, manifest: dict) -> GraphPrecision:
         return GraphPrecision(fp16_islands=t5_islands, layer_groups=t5_layer_groups, notes=T5_NOTES)
     if graph == "t5_cross_kv":
         return GraphPrecision(layer_groups=t5_layer_groups)
+    if graph in OPT_GRAPHS or (graph == "text_states" and lm == "opt"):
+        return GraphPrecision(smooth_alpha=OPT_SMOOTH_ALPHA)
     return GraphPrecision()
 
 

@@ -134,3 +134,22 @@ def test_blip_export_prints_the_accuracy_report(bundles, tmp_path, capsys):
         assert f"  {graph:<14} max abs error" in out and "(int8-cpu vs fp32)" in out, graph
     for task in ("caption", "caption_prompted", "vqa"):
         assert f"end to end {task}: " in out, task
+
+
+@pytest.mark.parametrize("precision", ["int8-qdq", "int8-cpu"])
+def test_opt_graphs_try_smoothquant(bundles, precision):
+    """OPT's graphs are quantized with and without SmoothQuant smoothing (alpha 0.5) and keep the one
+    with the smaller measured error; the manifest records both; the other graphs are not smoothed."""
+    from blip_export.quant_search import badness
+
+    data = load_manifest(bundles("opt", precision)).data
+    for name, entry in data["graphs"].items():
+        record = entry["precision"].get("smoothing")
+        if not name.startswith("opt_"):
+            assert record is None, name
+            continue
+        print(f"opt {precision} {name} smoothing: {json.dumps(record)}")
+        assert record["alpha"] == 0.5 and record["smoothed_norms"] > 0
+        score = {k: badness(record[f"error_{k}"], INT8_BOUND) for k in ("with", "without")}
+        assert record["kept"] == (score["with"] < score["without"]), (record, score)
+        assert entry["precision"]["error"] == record["error_with" if record["kept"] else "error_without"]
