@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -324,6 +325,25 @@ def test_precision_bundles_build_engines(converted, monkeypatch, tmp_path, kind,
     got, want = _results(ours, kind), _results(BlipRuntime.load(source), kind)
     print(f"{kind} {form}: {got[0]}")
     assert got == want
+    ours.session.close()
+
+
+def test_blip_export_target_trt(bundles, converted, monkeypatch, tmp_path):
+    """`blip-export CKPT --target trt --precision fp16`: the checkpoint exported, converted and built in one
+    command, the engine bundle generating what the fp16 ONNX bundle of the same checkpoint generates."""
+    from blip_export.cli import main
+
+    cuda = fake_trt.install(monkeypatch)
+    L = BUILD_LIMITS
+    args = [bundles("opt").parent / "ckpt", "--target", "trt", "--precision", "fp16", "-o", tmp_path / "trt", "-q",
+            "--timing-cache", tmp_path / "timing.cache", "--max-batch", L.max_batch, "--max-text-len", L.max_text_len,
+            "--max-new-tokens", L.max_new_tokens, "--num-beams", L.num_beams]
+    assert main([str(a) for a in args]) == 0
+    trt = load_manifest(tmp_path / "trt")
+    assert (trt.data["target"], trt.data["precision"], trt.data["limits"]) == ("trt", "fp16", asdict(L))
+    assert [Path(loader._network.path).name for loader in cuda.parsed] == [f"{g}.onnx" for g in trt.graphs]
+    ours = BlipRuntime.load(trt.folder)
+    assert _results(ours, "opt") == _results(BlipRuntime.load(converted("opt", "fp16")), "opt")
     ours.session.close()
 
 
