@@ -39,7 +39,8 @@ def test_resolve_precision(precision, target, form, tmp_path):
 
 @pytest.mark.parametrize("precision,target,message", [
     ("int8-cpu", "trt", "--precision int8-cpu is ONNX Runtime's CPU form; TensorRT takes --precision int8"),
-    ("int4", "onnx", "--precision int4: expected one of fp32, fp16, int8, int8-cpu, int8-qdq"),
+    ("int2", "onnx", "--precision int2: expected one of fp32, fp16, int8, int8-cpu, int8-qdq, int4"),
+    ("int4", "trt", "--precision int4 is ONNX Runtime's CPU form; TensorRT takes --precision int8"),
     ("int8", "tflite", "--target tflite: expected onnx or trt"),
 ])
 def test_resolve_precision_refuses(precision, target, message):

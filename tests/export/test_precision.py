@@ -285,7 +285,7 @@ def test_int8_needs_calibration_images(bundles, tmp_path):
     with pytest.raises(ExportError, match="calibration images"):
         convert_bundle(bundles("caption"), tmp_path / "x", "int8-qdq")
     with pytest.raises(ExportError, match="expected one of"):
-        convert_bundle(bundles("caption"), tmp_path / "x", "int4")
+        convert_bundle(bundles("caption"), tmp_path / "x", "int2")
     assert not (tmp_path / "x").exists()
 
 
@@ -331,7 +331,7 @@ def test_cli_quantize_all_needs_an_int8_precision(capsys, tmp_path):
     from blip_export.cli import main
 
     assert main(["caption", "--precision", "fp16", "--quantize-all", "-o", str(tmp_path / "b")]) == 2
-    assert "--quantize-all applies to --precision int8, int8-cpu or int8-qdq" in capsys.readouterr().err
+    assert "--quantize-all applies to --precision int8, int8-cpu, int8-qdq or int4" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
 
 
@@ -342,7 +342,7 @@ def test_nbits_quantizer_import_leaves_logging_alone():
     import subprocess
     import sys
 
-    code = ("import logging; from blip_export.quantize import _nbits_quantizer; _nbits_quantizer(); "
+    code = ("import logging; from blip_export.weight_only import _nbits_quantizer; _nbits_quantizer(); "
             "root = logging.getLogger(); print(len(root.handlers), root.level)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2]).stdout.split()
