@@ -9,17 +9,22 @@ and the other channels round to a few steps. The public checkpoints cannot be do
 config) gets outlier channels injected; the same comparison runs on the un-injected model, where
 smoothing must not hurt.
 
-Injections (`Outliers.mode`), both through the weights, on a few fixed channels j, factor k:
-- "flat": the picture SmoothQuant draws (large activations, flat weights). Every LM LayerNorm's
-  gamma_j and beta_j times k; the Linears reading it are unchanged. The fp32 model changes (those
-  channels weigh k times more in q/k/v/fc1/lm_head), so it is kept sane by construction: its
-  outputs are finite and vary, and each form is compared with this model's own fp32 graphs.
-- "residual": the residual stream carries the outliers, as in OPT: column j of every input to it
-  (embed_tokens, embed_positions, language_projection's rows and bias) times k, so every LayerNorm
-  sees channel j k times larger in all layers (a LayerNorm keeps the ratio of its input channels).
+Injections (`Outliers.mode`), all through the weights, on a few fixed channels j, factor k:
+- "residual": the residual stream carries the outliers, as in OPT: column j of every first writer to
+  it (embed_tokens, embed_positions, language_projection's rows and bias) times k. A LayerNorm keeps
+  the ratio of its input channels, so the Linears it feeds see channel j large in every layer (diluted
+  by each layer's normal-sized update: FACTORS). The Linears are unchanged; the fp32 model stays sane
+  (finite logits of the plain model's spread, reported with each table).
 - "reparam": an exact re-parametrisation: gamma_j, beta_j times k and the rows j of the Linears
   reading that LayerNorm divided by k, so the fp32 model computes the same function as the
-  un-injected one and only what int8 sees changes (smoothing at alpha 0.5 undoes it exactly).
+  un-injected one and only what int8 sees changes (smoothing at any alpha undoes it exactly: s_j grows
+  by k^alpha * k^(1-alpha) = k). Its small weight rows make weight quantization harder than in a
+  trained model.
+- "flat": large activations with flat weights, as SmoothQuant draws them: every LM LayerNorm's gamma_j
+  and beta_j times k, the Linears unchanged. At a tiny width the k-times channels then dominate
+  q/k/v/fc1/lm_head and the model is hypersensitive (no int8 form, weight-only included, comes close to
+  its fp32): a negative result, kept to show it, not a stand-in for OPT.
+Each form is compared with its own model's fp32 graphs.
 
 Forms, each for opt_prefill and opt_step (vision and qformer stay fp32), errors on held-out feeds
 recorded by calibration_feeds on images that were not calibrated on:
@@ -30,12 +35,14 @@ recorded by calibration_feeds on images that were not calibrated on:
 - weight-only int8: int8 weights per output channel (DequantizeLinear on the weight only), float
   activations;
 - int8-cpu dynamic / int8-cpu nbits: quantize.to_int8_cpu's two forms (u8 activations quantized
-  per tensor at run time; MatMulNBits with int8 activations per block of 128 along K).
+  per tensor at run time; MatMulNBits with int8 activations per block of 128 along K), also after
+  smoothing at alpha 0.5.
+For the un-injected model also the vision graph (pre-LayerNorm ViT): Q/DQ with and without smoothing.
 Columns: relative error of the logits (max|a-b| / max|b|, worst feed) and of the worst output, top-1
 agreement of the logits with fp32, and the end-to-end fraction of identical greedy token sequences
 (captions, prompted captions, VQA answers) against the fp32 bundle.
 
-    .venv/bin/python -m benchmarks.smoothquant [--work /tmp/smoothquant] [--hidden 128] [--factor 60]
+    .venv/bin/python -m benchmarks.smoothquant [--work /tmp/smoothquant] [--hidden 128] [--factor K] [--models plain,residual,reparam,flat]
 """
 
 from __future__ import annotations
@@ -60,6 +67,12 @@ class Outliers:
     mode: str = "flat"  # "flat", "residual" or "reparam" (see the module docstring)
     channels: tuple[int, ...] = (3, 17, 40)  # a few fixed hidden channels, as OPT's are fixed
     factor: float = 60.0  # OPT-6.7B's outlier channels are ~60-100x the median channel
+
+
+# Factor per mode that gives the LayerNorm outputs (the Linears' inputs) a channel spread of ~45-90:
+# the residual stream's outliers are diluted by every layer's update (x60 at the embeddings measured a
+# spread of ~18 at hidden 128, x300 ~48); the LayerNorm-side modes put k on the LayerNorm output itself.
+FACTORS = {"residual": 300.0, "reparam": 60.0, "flat": 60.0}
 
 
 @dataclass(frozen=True)
@@ -189,6 +202,29 @@ def lm_forms(src: Path, graph: str, calib: list, held: list, work: Path) -> dict
     to_int8_cpu(src, out["int8-cpu dynamic"], graph, held, bound=None)
     out["int8-cpu nbits"] = work / "cpu-nbits.onnx"
     to_int8_cpu(src, out["int8-cpu nbits"], graph, held, bound=None, gemv=True)
+    smoothed = work / "smoothed-0.5.onnx"
+    out["smooth a=0.5 + int8-cpu dynamic"] = work / "smooth-cpu-dynamic.onnx"
+    to_int8_cpu(smoothed, out["smooth a=0.5 + int8-cpu dynamic"], graph, held, bound=None)
+    out["smooth a=0.5 + int8-cpu nbits"] = work / "smooth-cpu-nbits.onnx"
+    to_int8_cpu(smoothed, out["smooth a=0.5 + int8-cpu nbits"], graph, held, bound=None, gemv=True)
+    return out
+
+
+def vision_forms(src: Path, calib: list, held: list, work: Path) -> dict[str, float]:
+    """{form: relative error on held-out feeds} of the vision graph: plain Q/DQ and smoothed + Q/DQ."""
+    from blip_export.measure import graph_errors, ort_session, run_all
+    from blip_export.quantize import to_int8
+    from blip_export.smoothquant import smooth_graph
+
+    work.mkdir(parents=True, exist_ok=True)
+    ref = run_all(ort_session(src), held)
+    out = {}
+    to_int8(src, work / "qdq.onnx", "vision", calib, held, bound=None)
+    out["int8 Q/DQ"] = graph_errors(run_all(ort_session(work / "qdq.onnx"), held), ref)["rel"]
+    for alpha in ALPHAS:
+        smooth_graph(src, work / "smoothed.onnx", calib, alpha)
+        to_int8(work / "smoothed.onnx", work / "smooth-qdq.onnx", "vision", calib, held, bound=None)
+        out[f"smooth a={alpha} + Q/DQ"] = graph_errors(run_all(ort_session(work / "smooth-qdq.onnx"), held), ref)["rel"]
     return out
 
 
@@ -252,6 +288,8 @@ def measure_model(name: str, outliers: Outliers | None, work: Path, calib_images
         for form, path in lm_forms(src, graph, calib[graph], held[graph], root / graph).items():
             files.setdefault(form, {})[graph] = path
     result["fp32"] = logit_stats(refs["opt_step"] + refs["opt_prefill"])
+    if outliers is None:  # the image side (the injections leave it alone): does smoothing hurt a ViT?
+        result["vision"] = vision_forms(root / "fp32" / "vision.onnx", calib["vision"], held["vision"], root / "vision")
     for form, graphs in files.items():
         row: dict = {}
         for graph, path in graphs.items():
@@ -288,6 +326,9 @@ def table(results: list[dict]) -> str:
                          f"| {s['rel']:.2e} | {e.get('caption', float('nan')):.2f} | {e.get('caption_prompted', float('nan')):.2f} "
                          f"| {e.get('vqa', float('nan')):.2f} |")
         lines.append("")
+        if "vision" in r:
+            lines += ["Vision graph (pre-LayerNorm ViT, no injection), relative error of image_embeds on held-out feeds: "
+                      + ", ".join(f"{k} {v:.2e}" for k, v in r["vision"].items()) + ".", ""]
     return "\n".join(lines)
 
 
@@ -297,11 +338,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="/tmp/smoothquant")
     p.add_argument("--hidden", type=int, default=LmShape.hidden_size)
-    p.add_argument("--factor", type=float, default=Outliers.factor)
+    p.add_argument("--factor", type=float, default=None, help="outlier factor of every mode (default: FACTORS)")
     p.add_argument("--calib", type=int, default=8, help="calibration images (easy-VQA train split)")
     p.add_argument("--held-extra", type=int, default=16, help="train images held out besides the 8 test samples")
     p.add_argument("--max-new-tokens", type=int, default=10)
-    p.add_argument("--models", default="plain,flat,residual,reparam")
+    p.add_argument("--models", default="plain,residual,reparam,flat")
     p.add_argument("--json", default=None, help="also write the raw results here")
     args = p.parse_args()
     shape = LmShape(hidden_size=args.hidden, ffn_dim=2 * args.hidden)
@@ -312,7 +353,7 @@ def main() -> None:
     start = time.time()
     results = []
     for name in args.models.split(","):
-        outliers = None if name == "plain" else Outliers(mode=name, factor=args.factor)
+        outliers = None if name == "plain" else Outliers(mode=name, factor=args.factor or FACTORS[name])
         results.append(measure_model(name, outliers, work, calib_images, held_images, shape, args.max_new_tokens))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

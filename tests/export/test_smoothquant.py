@@ -1,7 +1,7 @@
 """SmoothQuant smoothing (blip_export.smoothquant): an exact re-parametrisation of the fp32 graph (outputs
 equal to ~1e-6 relative) on a hand-built graph with shared initializers, a Gemm, a residual LayerNorm
-and a shape-only reader, and on a tiny BLIP-2 OPT bundle (weights inside the file and beside it); and
-on a tiny OPT with injected outlier channels, plain int8 Q/DQ loses the greedy tokens while smoothing
+and a shape-only reader, and on a tiny BLIP-2 OPT bundle (weights inside the file and beside it); on that
+OPT with injected outlier channels, plain int8 Q/DQ loses the greedy tokens while smoothing
 then Q/DQ keeps them."""
 
 from __future__ import annotations
@@ -127,7 +127,12 @@ def _bundle(root: Path, outliers=None) -> tuple[Path, dict, dict]:
 
 @pytest.fixture(scope="module")
 def opt_bundle(tmp_path_factory):
-    return _bundle(tmp_path_factory.mktemp("smooth-opt"))
+    """With outlier channels injected as benchmarks.smoothquant's "reparam": LayerNorm gamma/beta x60 on 3
+    channels and the Linear rows reading them / 60, so the fp32 function is the un-injected model's while
+    the Linears' inputs carry 60x channels (smoothing then has real work to do)."""
+    from benchmarks.smoothquant import Outliers
+
+    return _bundle(tmp_path_factory.mktemp("smooth-opt"), Outliers("reparam", (3, 17, 40), 60.0))
 
 
 LM_NORMS = 2 * 2 + 1  # two per decoder layer and the final one (before lm_head)
@@ -173,14 +178,12 @@ def test_weights_beside_the_graph(opt_bundle, tmp_path, monkeypatch):
     _compare(bundle / "opt_step.onnx", dst, held["opt_step"], "opt_step (external data)")
 
 
-def test_outlier_channels_break_plain_qdq_and_smoothing_fixes_it(tmp_path):
-    """Outliers injected as benchmarks.smoothquant's "reparam" (LayerNorm gamma/beta x60 on 3 channels,
-    the Linear rows reading them / 60: the fp32 function is unchanged): plain W8A8 Q/DQ's one scale per
-    activation tensor is set by those channels; smoothed first, the same Q/DQ keeps the tokens."""
-    from benchmarks.smoothquant import Outliers
+def test_outlier_channels_break_plain_qdq_and_smoothing_fixes_it(opt_bundle, tmp_path):
+    """Plain W8A8 Q/DQ's one scale per activation tensor is set by the outlier channels; smoothed first,
+    the same Q/DQ keeps the greedy tokens."""
     from blip_export.quantize import to_int8
 
-    bundle, calib, held = _bundle(tmp_path, Outliers("reparam", (3, 17, 40), 60.0))
+    bundle, calib, held = opt_bundle
     src = bundle / "opt_step.onnx"
     ref = run_all(ort_session(src), held["opt_step"])
     to_int8(src, tmp_path / "plain.onnx", "opt_step", calib["opt_step"], held["opt_step"], bound=None)
