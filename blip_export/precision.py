@@ -3,9 +3,17 @@ every converted graph must pass.
 
 TensorRT 10/11 builds strongly typed networks (no FP16/INT8 builder flags, no calibrator), so the
 precision of every tensor is decided here and TensorRT only compiles it. ONNX Runtime on the CPU runs
-the same files, which is how the tests check them. INT8 lives in quantize.py, calibration data and
-the end-to-end comparison in calibration.py; convert_bundle (here) turns an fp32 bundle folder into
-an fp16 / int8-qdq / int8-cpu one with its measured accuracy in the manifest.
+the same files, which is how the tests check them. INT8 lives in quantize.py, weight-only 4/8-bit in
+weight_only.py, the measured exclusion search in quant_search.py, calibration data and the end-to-end
+comparison in calibration.py; convert_bundle (here) turns an fp32 bundle folder into an fp16 /
+int8-qdq / int8-cpu / int4 one with its measured accuracy in the manifest. A family adds its own
+rules per graph (ExportFamily.precision_policy: graphs kept fp32 whole, more fp32 islands, its layer
+groups, SmoothQuant to try), and the manifest's per-graph "precision" entry says what they did.
+
+ONNX Runtime's CPU provider has fp16 kernels for few ops: it runs the others in fp32 between Casts it
+inserts, and removes the Cast pairs between two such ops, so an fp16 overflow does not show on the CPU
+(it does on TensorRT and CUDA). Tests that must see fp16 arithmetic run the graph in onnx's reference
+evaluator (tests/export/blip2/test_blip2_fp16.py).
 
 Graph inputs and outputs keep the dtypes of the I/O table (blip_runtime.graphs: float32 tensors,
 int64 ids and masks) in every precision, so the runtime feeds every bundle the same arrays. The
