@@ -50,7 +50,8 @@ class SmoothGroup:
 
 
 def _uses(graph) -> dict[str, int]:
-    """How many node inputs (subgraphs included) and graph outputs name each tensor."""
+    """How many node inputs (subgraphs included) and graph outputs name each tensor. A subgraph's own
+    tensors that shadow an outer name count too: counting too many only ever makes a copy."""
     count: dict[str, int] = {}
 
     def walk(g):
@@ -60,8 +61,6 @@ def _uses(graph) -> dict[str, int]:
             for attr in node.attribute:
                 for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
                     walk(sub)
-                    for value in sub.input:  # a subgraph's own inputs shadow outer names: not a use
-                        count[value.name] = count.get(value.name, 0)
         for out in g.output:
             count[out.name] = count.get(out.name, 0) + 1
 
@@ -92,6 +91,7 @@ def find_groups(model) -> tuple[list[SmoothGroup], dict[str, str]]:
         t = inits.get(name)
         return name in constant and t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == rank
 
+    uses = _uses(graph)
     groups, skipped = [], {}
     for node in graph.node:
         if node.op_type not in NORM_OPS:
@@ -106,6 +106,9 @@ def find_groups(model) -> tuple[list[SmoothGroup], dict[str, str]]:
         width = inits[scale].dims[0]
         if out in outputs:
             skipped[node.name] = "its output is a graph output"
+            continue
+        if uses.get(out, 0) != sum(list(c.input).count(out) for c in consumers.get(out, [])):
+            skipped[node.name] = "its output is read inside a subgraph (If / Loop / Scan)"
             continue
         linears, weights, reason = [], [], None
         for user in consumers.get(out, []):

@@ -196,3 +196,25 @@ def test_outlier_channels_break_plain_qdq_and_smoothing_fixes_it(opt_bundle, tmp
           f"smoothed + Q/DQ: rel {smooth['rel']:.3e}, top-1 {smooth['top1']:.3f}")
     assert smooth["rel"] < plain["rel"] / 4, (plain, smooth)
     assert smooth["top1"] >= 0.9 and plain["top1"] < smooth["top1"] - 0.2, (plain["top1"], smooth["top1"])
+
+
+def test_a_layernorm_read_inside_a_subgraph_is_left_alone(tmp_path):
+    """A branch of an If that reads the LayerNorm output from the outer scope would see X / s."""
+    f = TensorProto.FLOAT
+    rng = np.random.default_rng(0)
+    branch = helper.make_graph([helper.make_node("Identity", ["h"], ["b"], name="pass")], "branch", [],
+                               [helper.make_tensor_value_info("b", f, None)])
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "beta"], ["h"], name="ln", axis=-1),
+             helper.make_node("MatMul", ["h", "w"], ["y"], name="mm"),
+             helper.make_node("If", ["cond"], ["z"], name="if", then_branch=branch, else_branch=branch)]
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in
+             {"g": 1 + rng.standard_normal(C), "beta": rng.standard_normal(C), "w": rng.standard_normal((C, 3))}.items()]
+    graph = helper.make_graph(nodes, "sub", [helper.make_tensor_value_info("x", f, ["B", C]),
+                                             helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info(n, f, None) for n in ("y", "z")], inits)
+    src = tmp_path / "sub.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    feeds = [{"x": rng.standard_normal((4, C)).astype(np.float32), "cond": np.array(True)}]
+    info = smooth_graph(src, tmp_path / "out.onnx", feeds)
+    assert not info["smoothed"] and "subgraph" in info["skipped"]["ln"], info
+    _compare(src, tmp_path / "out.onnx", feeds, "subgraph graph")
