@@ -4,8 +4,10 @@ Each module (imported only when a checkpoint or bundle of its family is met) has
 ExportFamily: how to read its config.json, build and load its reference model, which tasks an
 architecture has, its graphs (the I/O table in blip_runtime/families/<family>/graphs.py) and the
 wrapper, trace sizes and verification sizes of each, what its bundles carry besides the graphs
-(tokenizer, image settings, generation defaults, special tokens) and its calibration workload.
-The core (bundle.py, onnx_export.py, loading.py, calibration.py, precision.py) names no family.
+(tokenizer, image settings, generation defaults, special tokens), its calibration workload and its
+precision rules per graph (precision_policy -> GraphPrecision).
+The core (bundle.py, onnx_export.py, loading.py, calibration.py, precision.py, quantize.py,
+quant_search.py, weight_only.py) names no family.
 Adding a family: its folder and one line here (and one in blip_runtime/families for the runtime).
 """
 
