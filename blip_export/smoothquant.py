@@ -23,10 +23,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 
-from .files import external_files, save_graph
+from .files import data_file, external_files, save_graph
 from .measure import set_metadata
 
 # Normalization op -> (scale input index, bias input index or None). The ONNX standard's LayerNormalization;
@@ -245,6 +246,42 @@ def smooth_graph(src: Path, dst: Path, feeds: list[dict], alpha: float = 0.5) ->
     save_graph(model, dst)
     return {"alpha": alpha, "feeds": len(feeds), "smoothed": smoothed, "skipped": skipped,
             "max_scale": max((v["max_scale"] for v in smoothed.values()), default=1.0)}
+
+
+SMOOTH_ALPHAS = (0.5, 0.75, 0.85)  # 0.5 first: best or tied on every model measured (benchmarks/RESULTS_smoothquant.md)
+
+
+def choose_alpha(src: Path, work: Path, feeds: list[dict], score: Callable[[Path], float],
+                 alphas: Sequence[float] = SMOOTH_ALPHAS) -> dict:
+    """Smooth `src` at each of `alphas` (on `feeds`, the calibration feeds) into `work` and keep the one
+    `score` rates lowest: score(smoothed graph path) -> a number, e.g. quantize.badness of the int8
+    graph quantized from it, measured on held-out feeds. Ties keep the earlier alpha. The other
+    candidates are deleted. Returns smooth_graph's description of the kept one with "path" and
+    "scores" ({alpha: score}); "path" is None (and nothing is written) when `src` has nothing to smooth."""
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    best: dict | None = None
+    scores: dict[float, float] = {}
+    for alpha in alphas:
+        path = work / f"smoothed-{alpha}.onnx"
+        info = smooth_graph(src, path, feeds, alpha)
+        if not info["smoothed"]:  # the same for every alpha: which nodes qualify does not depend on it
+            _remove(path)
+            return {**info, "path": None, "scores": {}}
+        scores[alpha] = float(score(path))
+        if best is None or scores[alpha] < scores[best["alpha"]]:
+            if best is not None:
+                _remove(best["path"])
+            best = {**info, "path": path}
+        else:
+            _remove(path)
+    return {**best, "scores": scores}
+
+
+def _remove(path: Path) -> None:
+    """Delete a candidate graph and the data file beside it."""
+    path.unlink(missing_ok=True)
+    data_file(path).unlink(missing_ok=True)
 
 
 def _store(graph, inits: dict, name: str, value: np.ndarray, private: bool) -> str:

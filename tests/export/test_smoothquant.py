@@ -218,3 +218,28 @@ def test_a_layernorm_read_inside_a_subgraph_is_left_alone(tmp_path):
     info = smooth_graph(src, tmp_path / "out.onnx", feeds)
     assert not info["smoothed"] and "subgraph" in info["skipped"]["ln"], info
     _compare(src, tmp_path / "out.onnx", feeds, "subgraph graph")
+
+
+def test_choose_alpha_keeps_the_best_measured(opt_bundle, tmp_path):
+    """Each alpha scored by the error of the Q/DQ graph quantized from it (quantize.badness on held-out
+    feeds, as to_int8 judges a graph); the kept graph is the lowest-scored, and the others are gone."""
+    from blip_export.quantize import badness, to_int8
+    from blip_export.smoothquant import SMOOTH_ALPHAS, choose_alpha
+
+    bundle, calib, held = opt_bundle
+    src = bundle / "opt_step.onnx"
+    ref = run_all(ort_session(src), held["opt_step"])
+
+    def score(path: Path) -> float:
+        to_int8(path, tmp_path / "probe.onnx", "opt_step", calib["opt_step"], held["opt_step"], bound=None)
+        return badness(graph_errors(run_all(ort_session(tmp_path / "probe.onnx"), held["opt_step"]), ref), 0.05)
+
+    info = choose_alpha(src, tmp_path / "work", calib["opt_step"], score)
+    print("scores by alpha:", info["scores"])
+    assert list(info["scores"]) == list(SMOOTH_ALPHAS)
+    assert info["scores"][info["alpha"]] == min(info["scores"].values())
+    assert info["path"].is_file() and sorted(p.name for p in (tmp_path / "work").iterdir()) == [info["path"].name]
+    assert len(info["smoothed"]) == LM_NORMS
+    # nothing to smooth: nothing written, no score asked for
+    qformer = choose_alpha(bundle / "qformer.onnx", tmp_path / "q", calib["qformer"], lambda p: 1 / 0)
+    assert qformer["path"] is None and qformer["scores"] == {} and qformer["skipped"]
