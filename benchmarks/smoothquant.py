@@ -272,7 +272,8 @@ def measure_model(name: str, outliers: Outliers | None, work: Path, calib_images
     calib = calibration_feeds(root / "fp32", calib_images, **generation)
     held = calibration_feeds(root / "fp32", held_images, **generation)
     reference = BlipRuntime.load(root / "fp32")
-    result = {"model": name, "outliers": None if outliers is None else vars(outliers) | {"channels": list(outliers.channels)},
+    injected = None if outliers is None else vars(outliers) | {"channels": list(outliers.channels)}
+    result = {"model": name, "outliers": injected,
               "feeds": {g: [len(calib[g]), len(held[g])] for g in LM_GRAPHS}, "forms": {}}
     files: dict[str, dict[str, Path]] = {}
     refs = {}

@@ -99,7 +99,8 @@ def find_groups(model) -> tuple[list[SmoothGroup], dict[str, str]]:
             continue
         scale_at, bias_at = NORM_OPS[node.op_type]
         scale = node.input[scale_at] if len(node.input) > scale_at else ""
-        bias = node.input[bias_at] if bias_at is not None and len(node.input) > bias_at and node.input[bias_at] else None
+        has_bias = bias_at is not None and len(node.input) > bias_at and node.input[bias_at]
+        bias = node.input[bias_at] if has_bias else None
         out = node.output[0]
         if not fp32_const(scale, 1) or (bias is not None and not fp32_const(bias, 1)):
             skipped[node.name] = "scale or bias is not a constant 1-D float32 initializer"
@@ -138,10 +139,10 @@ def find_groups(model) -> tuple[list[SmoothGroup], dict[str, str]]:
 
 
 def activation_ranges(src: Path, model, tensors: list[str], feeds: list[dict]) -> dict[str, tuple[np.ndarray, int]]:
-    """{tensor: (per-channel max|x| over every feed (C,) float32, the tensor's rank)} for float tensors of the graph at `src`
-    (`model`: its ModelProto loaded without external data), from an ONNX Runtime session on a copy of
-    the graph that also outputs them. Not onnxruntime.quantization's calibrators: they reduce every
-    tensor to one min/max pair, and smoothing needs one range per channel."""
+    """{tensor: (per-channel max|x| over every feed (C,) float32, the tensor's rank)} for float tensors
+    of the graph at `src` (`model`: its ModelProto loaded without external data), from an ONNX Runtime
+    session on a copy of the graph that also outputs them. Not onnxruntime.quantization's calibrators:
+    they reduce every tensor to one min/max pair, and smoothing needs one range per channel."""
     import onnx
     import onnxruntime as ort
 

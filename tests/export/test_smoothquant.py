@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from blip_export import files
 from blip_export.measure import graph_errors, ort_session, run_all
-from blip_export.smoothquant import find_groups, smooth_graph
+from blip_export.smoothquant import smooth_graph
 from oracle import assert_close
 
 C = 8  # channels of the hand-built graph
