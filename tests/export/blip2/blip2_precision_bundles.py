@@ -32,6 +32,8 @@ def checkpoint(kind: str, folder: Path):
                                untie_head=True)
     if kind == "model":
         return make_checkpoint("Blip2Model", folder, hf_config("opt", True), seed=2, std=0.1)
+    if kind == "model-t5":  # get_text_features through T5's encoder: text_states with T5's rules
+        return make_checkpoint("Blip2Model", folder, hf_config("t5", True), seed=4, std=0.1, untie_head=True)
     if kind == "itm":
         import transformers
         from tokenizers import BertWordPieceTokenizer
@@ -51,7 +53,7 @@ def checkpoint(kind: str, folder: Path):
         model = make_checkpoint("Blip2ForImageTextRetrieval", folder, config, seed=3, std=0.1, with_processor=False)
         proc.save_pretrained(folder)
         return model
-    raise ValueError(f"kind {kind!r}: expected one of {KINDS}")
+    raise ValueError(f"kind {kind!r}: expected one of {(*KINDS, 'model-t5')}")
 
 
 class Bundles:

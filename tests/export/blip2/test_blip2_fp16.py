@@ -58,7 +58,7 @@ def _float16_tensors(path) -> int:
     return sum(t == onnx.TensorProto.FLOAT16 for t in tensor_types(path).values())
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [*KINDS, "model-t5"])
 def test_fp16_graphs_against_fp32(bundles, kind):
     fp32, ours = load_manifest(bundles(kind)), load_manifest(bundles(kind, "fp16"))
     assert ours.data["precision"] == "fp16"
@@ -109,6 +109,10 @@ def test_t5_islands_in_the_manifest(bundles):
         for n in (*wo, *kept["residual"]):
             assert types[nodes[n].output[0]] == onnx.TensorProto.FLOAT, f"{name}: {n} is not fp32"
     assert "rms_norm" not in data["graphs"]["t5_cross_kv"]["precision"]["kept_fp32"]
+    kept = load_manifest(bundles("model-t5", "fp16")).data["graphs"]["text_states"]["precision"]["kept_fp32"]
+    assert kept["rms_norm"] and kept["residual"] and kept["feed_forward_output"], kept  # T5's encoder, as text_states
+    kept = load_manifest(bundles("model", "fp16")).data["graphs"]["text_states"]["precision"]["kept_fp32"]
+    assert "rms_norm" not in kept and kept["op_type"], kept  # OPT's: LayerNormalization, the core's rule
 
 
 @pytest.mark.parametrize("kind", KINDS)
