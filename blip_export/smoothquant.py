@@ -253,14 +253,17 @@ SMOOTH_ALPHAS = (0.5, 0.75, 0.85)  # 0.5 first: best or tied on every model meas
 
 
 def choose_alpha(src: Path, work: Path, feeds: list[dict], score: Callable[[Path], float],
-                 alphas: Sequence[float] = SMOOTH_ALPHAS) -> dict:
+                 alphas: Sequence[float] = SMOOTH_ALPHAS, unsmoothed: bool = True) -> dict:
     """Smooth `src` at each of `alphas` (on `feeds`, the calibration feeds) into `work` and keep the one
-    `score` rates lowest: score(smoothed graph path) -> a number, e.g. quantize.badness of the int8
-    graph quantized from it, measured on held-out feeds. Ties keep the earlier alpha. The other
-    candidates are deleted. Returns smooth_graph's description of the kept one with "path" and
-    "scores" ({alpha: score}); "path" is None (and nothing is written) when `src` has nothing to smooth."""
+    `score` rates lowest: score(graph path) -> a number, e.g. quantize.badness of the int8 graph
+    quantized from it, measured on held-out feeds. With `unsmoothed`, `src` itself is scored first and
+    a smoothed graph is kept only when it scores strictly lower (smoothing fitted on few calibration
+    feeds can cost a little where there are no outliers). Ties keep the earlier candidate; the others
+    are deleted. Returns smooth_graph's description of the kept graph with "path" (None: keep `src`),
+    "alpha" (None likewise), "scores" ({alpha: score}) and "unsmoothed_score" (or None)."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
+    base = float(score(Path(src))) if unsmoothed else None
     best: dict | None = None
     scores: dict[float, float] = {}
     for alpha in alphas:
@@ -268,15 +271,18 @@ def choose_alpha(src: Path, work: Path, feeds: list[dict], score: Callable[[Path
         info = smooth_graph(src, path, feeds, alpha)
         if not info["smoothed"]:  # the same for every alpha: which nodes qualify does not depend on it
             _remove(path)
-            return {**info, "path": None, "scores": {}}
+            return {**info, "alpha": None, "path": None, "scores": {}, "unsmoothed_score": base}
         scores[alpha] = float(score(path))
-        if best is None or scores[alpha] < scores[best["alpha"]]:
+        if scores[alpha] < (scores[best["alpha"]] if best else base if base is not None else float("inf")):
             if best is not None:
                 _remove(best["path"])
             best = {**info, "path": path}
         else:
             _remove(path)
-    return {**best, "scores": scores}
+        last = info
+    if best is None:  # src scored no worse than every smoothed candidate
+        best = {**last, "alpha": None, "path": None}
+    return {**best, "scores": scores, "unsmoothed_score": base}
 
 
 def _remove(path: Path) -> None:

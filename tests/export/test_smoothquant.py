@@ -221,8 +221,9 @@ def test_a_layernorm_read_inside_a_subgraph_is_left_alone(tmp_path):
 
 
 def test_choose_alpha_keeps_the_best_measured(opt_bundle, tmp_path):
-    """Each alpha scored by the error of the Q/DQ graph quantized from it (quantize.badness on held-out
-    feeds, as to_int8 judges a graph); the kept graph is the lowest-scored, and the others are gone."""
+    """Each candidate (the graph itself, then each alpha) scored by the error of the Q/DQ graph quantized
+    from it (quantize.badness on held-out feeds, as to_int8 judges a graph); on the outlier model a
+    smoothed graph wins, the kept graph is the lowest-scored, and the others are gone."""
     from blip_export.quantize import badness, to_int8
     from blip_export.smoothquant import SMOOTH_ALPHAS, choose_alpha
 
@@ -235,11 +236,16 @@ def test_choose_alpha_keeps_the_best_measured(opt_bundle, tmp_path):
         return badness(graph_errors(run_all(ort_session(tmp_path / "probe.onnx"), held["opt_step"]), ref), 0.05)
 
     info = choose_alpha(src, tmp_path / "work", calib["opt_step"], score)
-    print("scores by alpha:", info["scores"])
+    print("unsmoothed:", info["unsmoothed_score"], "by alpha:", info["scores"])
     assert list(info["scores"]) == list(SMOOTH_ALPHAS)
-    assert info["scores"][info["alpha"]] == min(info["scores"].values())
+    assert info["alpha"] in SMOOTH_ALPHAS and info["scores"][info["alpha"]] == min(info["scores"].values())
+    assert info["scores"][info["alpha"]] < info["unsmoothed_score"]
     assert info["path"].is_file() and sorted(p.name for p in (tmp_path / "work").iterdir()) == [info["path"].name]
     assert len(info["smoothed"]) == LM_NORMS
-    # nothing to smooth: nothing written, no score asked for
-    qformer = choose_alpha(bundle / "qformer.onnx", tmp_path / "q", calib["qformer"], lambda p: 1 / 0)
+    # the graph itself kept when no alpha scores lower: nothing left in work
+    kept = choose_alpha(src, tmp_path / "w2", calib["opt_step"][:2], lambda p: 0.0 if p == src else 1.0,
+                        alphas=(0.5,))
+    assert kept["path"] is None and kept["alpha"] is None and not any((tmp_path / "w2").iterdir())
+    # nothing to smooth: nothing written, no alpha scored
+    qformer = choose_alpha(bundle / "qformer.onnx", tmp_path / "q", calib["qformer"], lambda p: 0.0, unsmoothed=False)
     assert qformer["path"] is None and qformer["scores"] == {} and qformer["skipped"]
