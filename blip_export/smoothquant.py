@@ -41,12 +41,14 @@ MIN_SCALE = 1e-5  # SmoothQuant's clamp of s and of the weight ranges: no divisi
 class SmoothGroup:
     """One normalization node and the Linears that read its output: the unit that shares one s."""
 
-    norm: str  # node name
+    norm: str  # node name (or, for an unnamed node, its op type and output)
+    index: int  # its position in graph.node (names need not be unique; smoothing adds no node)
     output: str  # its output tensor, [..., C] float32
     scale: str  # gamma initializer, [C]
     bias: str | None  # beta initializer, [C], or None when the node has none
     axis: int  # the node's normalized axis attribute (must be the last axis)
     linears: tuple[str, ...]  # MatMul / Gemm node names reading `output`
+    linear_indices: tuple[int, ...]  # their positions in graph.node
     weights: tuple[tuple[str, bool], ...]  # per linear: (weight initializer, input channels on columns: Gemm transB)
 
 
@@ -67,6 +69,11 @@ def _uses(graph) -> dict[str, int]:
 
     walk(graph)
     return count
+
+
+def _label(node) -> str:
+    """A node's name for reports; unnamed nodes by op type and first output."""
+    return node.name or f"{node.op_type}->{node.output[0]}"
 
 
 def _attr(node, name: str, default: int) -> int:
@@ -93,26 +100,29 @@ def find_groups(model) -> tuple[list[SmoothGroup], dict[str, str]]:
         return name in constant and t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == rank
 
     uses = _uses(graph)
+    position = {id(n): i for i, n in enumerate(graph.node)}
     groups, skipped = [], {}
-    for node in graph.node:
+    for index, node in enumerate(graph.node):
         if node.op_type not in NORM_OPS:
             continue
+        name = _label(node)
         scale_at, bias_at = NORM_OPS[node.op_type]
         scale = node.input[scale_at] if len(node.input) > scale_at else ""
         has_bias = bias_at is not None and len(node.input) > bias_at and node.input[bias_at]
         bias = node.input[bias_at] if has_bias else None
         out = node.output[0]
         if not fp32_const(scale, 1) or (bias is not None and not fp32_const(bias, 1)):
-            skipped[node.name] = "scale or bias is not a constant 1-D float32 initializer"
+            skipped[name] = "scale or bias is not a constant 1-D float32 initializer"
             continue
         width = inits[scale].dims[0]
         if out in outputs:
-            skipped[node.name] = "its output is a graph output"
+            skipped[name] = "its output is a graph output"
             continue
         if uses.get(out, 0) != sum(list(c.input).count(out) for c in consumers.get(out, [])):
-            skipped[node.name] = "its output is read inside a subgraph (If / Loop / Scan)"
+            skipped[name] = "its output is read inside a subgraph (If / Loop / Scan)"
             continue
         linears, weights, reason = [], [], None
+        at = []
         for user in consumers.get(out, []):
             if user.op_type in SHAPE_ONLY:
                 continue
@@ -124,17 +134,18 @@ def find_groups(model) -> tuple[list[SmoothGroup], dict[str, str]]:
             if ok and inits[w].dims[1 if columns else 0] != width:
                 ok = False
             if not ok:
-                reason = f"read by {user.op_type} {user.name!r}, not a MatMul/Gemm with a constant weight"
+                reason = f"read by {user.op_type} {_label(user)!r}, not a MatMul/Gemm with a constant weight"
                 break
-            linears.append(user.name)
+            linears.append(_label(user))
+            at.append(position[id(user)])
             weights.append((w, columns))
         if reason is None and not linears:
             reason = "no MatMul reads its output"
         if reason:
-            skipped[node.name] = reason
+            skipped[name] = reason
             continue
-        groups.append(SmoothGroup(node.name, out, scale, bias, _attr(node, "axis", -1), tuple(linears),
-                                  tuple(weights)))
+        groups.append(SmoothGroup(name, index, out, scale, bias, _attr(node, "axis", -1), tuple(linears),
+                                  tuple(at), tuple(weights)))
     return groups, skipped
 
 
@@ -223,9 +234,8 @@ def smooth_graph(src: Path, dst: Path, feeds: list[dict], alpha: float = 0.5) ->
         rows = {name: (w.T if columns else w) for name, (w, columns) in weights.items()}  # (C, N) each
         s = smoothing_scales(act, list(rows.values()), alpha)
         uses = _uses(graph)
-        nodes = {n.name: n for n in graph.node}
         # LayerNorm side: gamma / s, beta / s
-        norm = nodes[g.norm]
+        norm = graph.node[g.index]
         for index, name in ((NORM_OPS[norm.op_type][0], g.scale), (NORM_OPS[norm.op_type][1], g.bias)):
             if name is None:
                 continue
@@ -234,7 +244,7 @@ def smooth_graph(src: Path, dst: Path, feeds: list[dict], alpha: float = 0.5) ->
             replaced.add(name)
         # Linear side: weight rows * s (columns for Gemm transB)
         for name, (w, columns) in weights.items():
-            readers = [nodes[n] for n in g.linears if nodes[n].input[1] == name]
+            readers = [graph.node[i] for i in g.linear_indices if graph.node[i].input[1] == name]
             value = w * (s[None, :] if columns else s[:, None])
             new = _store(graph, inits, name, value.astype(np.float32), private=uses[name] == len(readers))
             for node in readers:

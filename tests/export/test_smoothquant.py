@@ -94,6 +94,20 @@ def test_hand_graph_smoothed_exactly_and_shared_initializers_kept(tmp_path):
     assert nodes["gemm"].input[1] == "wg" and "wg/smoothed" not in inits
 
 
+def test_unnamed_nodes(tmp_path):
+    """Node names are optional in ONNX: groups are found by position, reported by op type and output."""
+    src = tmp_path / "hand.onnx"
+    _hand_graph(src)
+    model = onnx.load(str(src))
+    for node in model.graph.node:
+        node.name = ""
+    onnx.save_model(model, str(src))
+    info = smooth_graph(src, tmp_path / "out.onnx", _hand_feeds(3, 0))
+    assert sorted(info["smoothed"]) == ["LayerNormalization->h1", "LayerNormalization->h3"], info
+    assert info["smoothed"]["LayerNormalization->h1"]["linears"] == ["MatMul->ya", "MatMul->yb"]
+    _compare(src, tmp_path / "out.onnx", _hand_feeds(3, 1), "unnamed hand graph")
+
+
 def test_bad_input_is_one_clear_line(tmp_path):
     src = tmp_path / "hand.onnx"
     _hand_graph(src)
