@@ -51,6 +51,15 @@ from .weight_only import INT4_BLOCK, INT4_BOUND, INT4_MIN_TOP1, to_int4
 #   prompts) must stay finite (see fp16_islands).
 # - ReduceL2: the ITC features' norm is a sum of squares (and its Clip/Expand/Div follow it; tiny).
 FP16_KEEP_OPS = ("LayerNormalization", "Softmax", "ReduceL2")
+# What the manifest says about each of the core's reasons (to_fp16's "why"; a family's come in its notes).
+FP16_WHY = {
+    "op_type": "LayerNormalization, Softmax, ReduceL2: means of squares and long exp-sums overflow or lose "
+               "precision in fp16",
+    "attention_mask": "the additive attention mask and its Add before Softmax: in fp16 float32 min becomes -inf "
+                      "and a fully masked row NaN",
+    "normalize": "the division of an L2 normalization by its norm",
+    "constants": "constants read only by fp32 nodes",
+}
 # ONNX Runtime's default block list (ops without fp16 kernels: Range, CumSum, TopK, ...) stays blocked.
 
 
@@ -120,7 +129,8 @@ def to_fp16(src: Path, dst: Path, graph: str, islands=None, notes: str = "") -> 
     -> {reason: [node names]}), merged with the core's; notes: why (GraphPrecision.notes).
     Returns what stays in fp32, for the manifest: {"precision": "fp16", "kept_fp32": {reason:
     [node names]}, "kept_fp32_ops": {op type: count}, "fp16_nodes": how many nodes compute in
-    fp16 (Casts not counted), "fp16_round_trips_removed"} (and "notes" when given).
+    fp16 (Casts not counted), "fp16_round_trips_removed", "why": {core reason: why (FP16_WHY)}}
+    (and "notes" when given: why the family's reasons).
     """
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
@@ -154,7 +164,9 @@ def to_fp16(src: Path, dst: Path, graph: str, islands=None, notes: str = "") -> 
     fp16_nodes = sum(1 for n in fp16.graph.node if n.op_type != "Cast"
                      and any(types.get(o) == onnx.TensorProto.FLOAT16 for o in n.output))
     return {"precision": "fp16", "graph": graph, "kept_fp32": keep, "kept_fp32_ops": kinds, "fp16_nodes": fp16_nodes,
-            "fp16_round_trips_removed": folded, **({"notes": notes} if notes else {})}
+            "fp16_round_trips_removed": folded,
+            "why": {k: FP16_WHY[k] for k, v in keep.items() if v and k in FP16_WHY},
+            **({"notes": notes} if notes else {})}
 
 
 def keep_fp32(src: Path, dst: Path, graph: str, reason: str) -> dict:

@@ -19,7 +19,7 @@ from blip_export.calibration import calibration_feeds
 from blip_export.families.blip2.precision import QFORMER_GRAPHS, t5_islands
 from blip_export.measure import graph_errors, ort_session, run_all, tensor_types
 from blip_export.bundle import export_bundle
-from blip_export.precision import convert_bundle, to_fp16
+from blip_export.precision import FP16_WHY, convert_bundle, to_fp16
 from blip_runtime import BlipRuntime
 from blip_runtime.manifest import load_manifest
 
@@ -87,6 +87,10 @@ def test_fp16_graphs_against_fp32(bundles, kind):
             assert info["precision"] == "fp16" and info["fp16_nodes"] > 0, name
             if name != "t5_cross_kv":  # its two MatMuls per layer have nothing to keep
                 assert info["kept_fp32"]["op_type"] or info["kept_fp32"].get("rms_norm"), name
+            # the manifest says why for every reason with nodes: the core's in "why", the family's in "notes"
+            used = {r for r, nodes in info["kept_fp32"].items() if nodes}
+            assert used & set(FP16_WHY) <= set(info["why"]), (name, used, info["why"])
+            assert not used - set(FP16_WHY) or info.get("notes"), (name, used)
 
 
 def test_t5_islands_in_the_manifest(bundles):
