@@ -403,15 +403,25 @@ def engines(bundles, tmp_path_factory):
     return get
 
 
+# fp32 with TF32 off computes as ONNX Runtime does; fp16 and int8 kernels round differently from ONNX
+# Runtime's CPU (which runs many fp16 ops in fp32 and emulates Q/DQ), so those bounds only catch a wrong build
+GPU_REL = {"fp32": 1e-3, "fp16": 2e-2, "int8-qdq": 1e-1}
+
+
 @pytest.mark.gpu
 @needs_trt
+@pytest.mark.parametrize("form", list(GPU_REL))
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_engines_match_onnxruntime(bundles, engines, kind):
-    """Every engine (fp32, TF32 off) at the exporter's verification sizes against ONNX Runtime on the CPU."""
+def test_engines_match_onnxruntime(bundles, engines, converted, tmp_path, kind, form):
+    """Every engine at the exporter's verification sizes against ONNX Runtime on the CPU, the same graphs."""
     from blip_runtime.session import OrtSession
     from blip_runtime.trt_session import TrtSession
 
-    ort, manifest = OrtSession(load_manifest(bundles(kind))), load_manifest(engines(kind))
+    source = bundles(kind) if form == "fp32" else converted(kind, form)
+    built = engines(kind) if form == "fp32" else tmp_path / "trt"
+    if form != "fp32":
+        build_engines(source, built, BUILD_LIMITS, None)
+    ort, manifest = OrtSession(load_manifest(source)), load_manifest(built)
     with TrtSession(manifest) as trt:
         d = manifest.dims
         for graph, spec in manifest.graphs.items():
@@ -421,8 +431,8 @@ def test_engines_match_onnxruntime(bundles, engines, kind):
                 for name, want in ref.items():
                     err = float(np.abs(ours[name] - want).max())
                     rel = err / max(float(np.abs(want).max()), 1e-30)
-                    print(f"{kind} {graph} {name} {sizes}: max abs {err:.2e}, relative {rel:.2e}")
-                    assert rel < 1e-3, f"{kind} {graph} {name} at {sizes}: max abs {err:.2e}, relative {rel:.2e}"
+                    print(f"{kind} {form} {graph} {name} {sizes}: max abs {err:.2e}, relative {rel:.2e}")
+                    assert rel < GPU_REL[form], f"{kind} {form} {graph} {name} at {sizes}: max abs {err:.2e}, relative {rel:.2e}"
 
 
 @pytest.mark.gpu
