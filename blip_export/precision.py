@@ -330,10 +330,10 @@ def convert_bundle(
                     def quantize(s, t, name=name, gemv=gemv):
                         return to_int8_cpu(s, t, name, held[name], bound=bound, progress=say, gemv=gemv,
                                            layer_groups=policy.layer_groups)
-                if policy.smooth_alpha is None:
+                if not policy.smooth_alphas:
                     info = quantize(source, target)
                 else:
-                    info = _smoothed_or_not(quantize, source, target, name, policy.smooth_alpha,
+                    info = _smoothed_or_not(quantize, source, target, name, policy.smooth_alphas,
                                             calib.get(name) or held[name], bound, say)
             accuracy[name] = graph_errors(run_all(ort_session(target), held[name]), run_all(ort_session(source), held[name]))
             say(f"{name}: max abs {accuracy[name]['max_abs']:.3e}, relative {accuracy[name]['rel']:.3e}")
@@ -363,35 +363,37 @@ def convert_bundle(
     return data
 
 
-def _smoothed_or_not(quantize, source: Path, target: Path, graph: str, alpha: float, feeds: list[dict],
-                     bound: float | None, say) -> dict:
-    """`quantize(src, dst) -> info` (to_int8 / to_int8_cpu) from the fp32 graph and from its smoothed copy
-    (smoothquant.smooth_graph at `alpha`, activation ranges over `feeds`: the calibration feeds, or
-    int8-cpu's held-out ones, having none); the result whose search ended with the smaller error
-    (quant_search.badness) is written to `target`. info["smoothing"] says which and both errors."""
+def _smoothed_or_not(quantize, source: Path, target: Path, graph: str, alphas: tuple[float, ...],
+                     feeds: list[dict], bound: float | None, say) -> dict:
+    """`quantize(src, dst) -> info` (to_int8 / to_int8_cpu) from the fp32 graph and from its smoothed
+    copies (smoothquant.choose_alpha over `alphas`, activation ranges over `feeds`: the calibration
+    feeds, or int8-cpu's held-out ones, having none); the result whose search ended with the smallest
+    error (quant_search.badness) is written to `target`. info["smoothing"] says which and every score."""
     import tempfile
 
     import onnx
 
     from .quant_search import INT8_MIN_TOP1, badness
-    from .smoothquant import smooth_graph
+    from .smoothquant import choose_alpha
 
     with tempfile.TemporaryDirectory(prefix=f"smooth-{graph}-") as tmp:
         work = Path(tmp)
-        plain = quantize(source, work / "plain.onnx")
-        smooth = smooth_graph(source, work / "smoothed-fp32.onnx", feeds, alpha)
-        record = {"alpha": alpha, "smoothed_norms": len(smooth["smoothed"]), "error_without": plain["error"]}
-        chosen, info = work / "plain.onnx", plain
-        if smooth["smoothed"]:
-            smoothed = quantize(work / "smoothed-fp32.onnx", work / "smoothed.onnx")
-            record["error_with"] = smoothed["error"]
-            score = lambda i: badness(i["error"], bound or INT8_BOUND, i.get("min_top1", INT8_MIN_TOP1))  # noqa: E731
-            if score(smoothed) < score(plain):
-                chosen, info = work / "smoothed.onnx", smoothed
-        record["kept"] = chosen.name == "smoothed.onnx"
-        say(f"{graph}: SmoothQuant alpha {alpha} {'kept' if record['kept'] else 'not kept'} "
-            f"(relative {plain['error']['rel']:.3e} without, {record.get('error_with', plain['error'])['rel']:.3e} with)")
-        save_graph(onnx.load(str(chosen)), target)
+        quantized: dict[str, tuple[Path, dict]] = {}
+
+        def score(fp32_graph: Path) -> float:
+            out = work / f"quantized{len(quantized)}.onnx"
+            info = quantize(fp32_graph, out)
+            quantized[str(fp32_graph)] = (out, info)
+            return badness(info["error"], bound or INT8_BOUND, info.get("min_top1", INT8_MIN_TOP1))
+
+        chosen = choose_alpha(source, work / "smoothed", feeds, score, alphas=alphas)
+        path, info = quantized[str(chosen["path"] or source)]
+        record = {"alpha": chosen["alpha"], "tried": list(alphas), "smoothed_norms": len(chosen["smoothed"]),
+                  "kept": chosen["path"] is not None, "scores": chosen["scores"],
+                  "unsmoothed_score": chosen["unsmoothed_score"]}
+        say(f"{graph}: SmoothQuant {'kept at alpha ' + str(chosen['alpha']) if record['kept'] else 'not kept'} "
+            f"(badness {chosen['unsmoothed_score']:.3f} without, {chosen['scores']} with)")
+        save_graph(onnx.load(str(path)), target)
     return {**info, "smoothing": record}
 
 

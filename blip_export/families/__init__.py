@@ -160,16 +160,16 @@ class GraphPrecision:
     layer_groups: node names -> the layer group of each (same order), the units the int8 exclusion
       search keeps in fp32 or quantizes; None: quantize.layer_group of each name.
     notes: what the manifest says about these rules (why they are needed).
-    smooth_alpha: SmoothQuant's alpha (blip_export.smoothquant) to try before int8 (int8-qdq, and
-      int8-cpu's dynamic form): the core quantizes with and without smoothing and keeps the one with
-      the smaller measured error; None: no smoothing.
+    smooth_alphas: SmoothQuant alphas (blip_export.smoothquant) to try before int8 (int8-qdq and
+      int8-cpu): the core quantizes the graph unsmoothed and smoothed at each (smoothquant.choose_alpha)
+      and keeps the one with the smallest measured error; (): no smoothing.
     """
 
     keep_fp32: str = ""
     fp16_islands: Callable | None = None
     layer_groups: Callable[[list[str]], list[str]] | None = None
     notes: str = ""
-    smooth_alpha: float | None = None
+    smooth_alphas: tuple[float, ...] = ()
 
 
 class BundleParts:

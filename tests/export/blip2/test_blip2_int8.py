@@ -149,7 +149,9 @@ def test_opt_graphs_try_smoothquant(bundles, precision):
             assert record is None, name
             continue
         print(f"opt {precision} {name} smoothing: {json.dumps(record)}")
-        assert record["alpha"] == 0.5 and record["smoothed_norms"] > 0
-        score = {k: badness(record[f"error_{k}"], INT8_BOUND) for k in ("with", "without")}
-        assert record["kept"] == (score["with"] < score["without"]), (record, score)
-        assert entry["precision"]["error"] == record["error_with" if record["kept"] else "error_without"]
+        scores = {float(a): v for a, v in record["scores"].items()}  # JSON keys are strings
+        assert record["tried"] == [0.5] and record["smoothed_norms"] > 0 and set(scores) == {0.5}
+        assert record["kept"] == (scores[0.5] < record["unsmoothed_score"]), record
+        assert record["alpha"] == (0.5 if record["kept"] else None)
+        chosen = scores[0.5] if record["kept"] else record["unsmoothed_score"]
+        assert badness(entry["precision"]["error"], INT8_BOUND) == pytest.approx(chosen), (entry["precision"]["error"], record)
