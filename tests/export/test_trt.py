@@ -204,6 +204,45 @@ def test_engine_loader_uses_the_table_profile(bundles, tmp_path):
     assert loader._config.timing_cache_path == loader.timing_cache_path == str(tmp_path / "cache")
 
 
+def test_builder_config_is_strongly_typed_without_precision_flags(bundles, tmp_path):
+    """What TensorRT 11 removed (BuilderFlag FP16/INT8/BF16/FP8, OBEY/PREFER_PRECISION_CONSTRAINTS,
+    DIRECT_IO, the INT8 calibrator, quantization flags, algorithm selectors) is never asked for:
+    precision comes from the graph, the network is strongly typed and parsed from the graph's path."""
+    manifest = load_manifest(bundles["BlipForConditionalGeneration"])
+    for name, spec in manifest.graphs.items():
+        shapes = profile_shapes(spec, blip_axes(manifest.dims, LIMITS[1]))
+        loader = engine_loader(manifest.graph_path(name), shapes, tmp_path / "cache", strongly_typed=True)
+        config = loader._config
+        assert (config.fp16, config.int8, config.bf16, config.fp8, config.tf32) == (False,) * 5, name
+        assert config.calibrator is None and config.quantization_flags is None and config.precision_constraints is None
+        assert config.algorithm_selector is None and not config.direct_io, name
+        assert loader._network.strongly_typed and loader._network.path == str(manifest.graph_path(name))
+
+
+@pytest.mark.parametrize("has_flag", [True, False], ids=["tensorrt-10-or-11", "without-the-flag"])
+def test_strongly_typed_flag_by_feature(bundles, monkeypatch, has_flag):
+    """_compile asks for NetworkDefinitionCreationFlag.STRONGLY_TYPED where the TensorRT has it (10: needed;
+    11: deprecated, accepted and ignored) and builds without it where it is gone (strong typing is then
+    the only mode)."""
+    from types import SimpleNamespace
+
+    import blip_export.trt_build as trt_build
+
+    flags = SimpleNamespace(STRONGLY_TYPED=1) if has_flag else SimpleNamespace()
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(NetworkDefinitionCreationFlag=flags))
+    asked = []
+
+    def loader(path, shapes, cache, *, strongly_typed, tf32=False):
+        asked.append(strongly_typed)
+        return lambda: b"engine"
+
+    monkeypatch.setattr(trt_build, "engine_loader", loader)
+    manifest = load_manifest(bundles["BlipForConditionalGeneration"])
+    shapes = profile_shapes(manifest.graphs["decoder_step"], blip_axes(manifest.dims, Limits()))
+    assert trt_build._compile(manifest.graph_path("decoder_step"), shapes, None, False) == b"engine"
+    assert asked == [has_flag]
+
+
 # -- (c) engine compatibility --------------------------------------------------------------------
 BUILT = {"target": "trt", "precision": "fp16", "tasks": ["caption"],
          "limits": {"max_batch": 4, "max_text_len": 20, "max_new_tokens": 10, "num_beams": 3},

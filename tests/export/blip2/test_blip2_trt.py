@@ -1,15 +1,14 @@
 """TensorRT for BLIP-2 bundles. Everywhere: the optimization profiles of every graph (OPT, Flan-T5, ITM and
 Blip2Model bundles) against what the limits imply; the engine build path by path for graphs with external
-data (CPU stand-ins, tests/fake_trt.py); the fp16 and int8 (Q/DQ) forms of every graph typed and within
-TensorRT's ONNX operators; the builder configuration TensorRT 10 and 11 both accept. On a GPU with
-tensorrt (marked gpu): each engine against ONNX Runtime, and generation against the ONNX bundle."""
+data (CPU stand-ins, tests/fake_trt.py); the fp16 and int8 (Q/DQ) forms of every graph typed, within
+TensorRT's ONNX operators and through the build; blip-export --target trt in one command. On a GPU with
+tensorrt (marked gpu): each engine against ONNX Runtime, and generation against the ONNX bundle. The
+builder configuration TensorRT 10 and 11 both accept is tested family-neutrally in tests/export/test_trt.py."""
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -21,7 +20,7 @@ from blip_export import files
 from blip_export.bundle import export_bundle
 from blip_export.families.blip2.export import random_feeds, verify_sizes
 from blip_export.measure import check_typed
-from blip_export.trt_build import build_engines, check_trt_available, engine_loader
+from blip_export.trt_build import build_engines, check_trt_available
 from blip_export.trt_onnx_support import problems
 from blip_runtime import BlipRuntime
 from blip_runtime.families.blip2.graphs import BATCH, NEW, PAST, PROMPT, ROWS, TEXT, TOTAL, axes
@@ -345,43 +344,6 @@ def test_blip_export_target_trt(bundles, converted, monkeypatch, tmp_path):
     ours = BlipRuntime.load(trt.folder)
     assert _results(ours, "opt") == _results(BlipRuntime.load(converted("opt", "fp16")), "opt")
     ours.session.close()
-
-
-# -- (d) TensorRT 10 and 11: strongly typed, no precision flags, no calibrator -------------------
-def test_builder_config_is_strongly_typed_without_precision_flags(bundles, tmp_path):
-    """What TensorRT 11 removed (BuilderFlag FP16/INT8/BF16/FP8, the INT8 calibrator, quantization
-    flags, precision constraints) is never asked for: precision comes from the graph."""
-    manifest = load_manifest(bundles("t5"))
-    for name, spec in manifest.graphs.items():
-        shapes = profile_shapes(spec, axes(manifest.dims, BUILD_LIMITS))
-        loader = engine_loader(manifest.graph_path(name), shapes, tmp_path / "cache", strongly_typed=True)
-        config = loader._config
-        assert (config.fp16, config.int8, config.bf16, config.fp8, config.tf32) == (False,) * 5, name
-        assert config.calibrator is None and config.quantization_flags is None and config.precision_constraints is None
-        assert config.algorithm_selector is None and not config.direct_io  # removed in TensorRT 11 as well
-        assert loader._network.strongly_typed and loader._network.path == str(manifest.graph_path(name))
-
-
-@pytest.mark.parametrize("has_flag", [True, False], ids=["tensorrt-10-or-11", "without-the-flag"])
-def test_strongly_typed_flag_by_feature(bundles, monkeypatch, has_flag):
-    """_compile asks for NetworkDefinitionCreationFlag.STRONGLY_TYPED where the TensorRT has it (10: needed;
-    11: accepted and ignored) and builds without it where it is gone (strong typing is then the only mode)."""
-    import blip_export.trt_build as trt_build
-
-    flags = SimpleNamespace(STRONGLY_TYPED=1) if has_flag else SimpleNamespace()
-    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(NetworkDefinitionCreationFlag=flags))
-    asked = []
-
-    def loader(path, shapes, cache, *, strongly_typed, tf32=False):
-        asked.append(strongly_typed)
-        return lambda: b"engine"
-
-    monkeypatch.setattr(trt_build, "engine_loader", loader)
-    manifest = load_manifest(bundles("opt"))
-    spec = manifest.graphs["opt_step"]
-    assert trt_build._compile(manifest.graph_path("opt_step"), profile_shapes(spec, axes(manifest.dims, Limits())),
-                              None, False) == b"engine"
-    assert asked == [has_flag]
 
 
 # -- on a GPU ------------------------------------------------------------------------------------
