@@ -196,7 +196,7 @@ def facts(scale: str, kinds: list[str]) -> dict:
     vc, tc = config["vision_config"], config["text_config"]
     params = 4 * (tc["hidden_size"] * (4 * tc["hidden_size"] + 2 * tc["ffn_dim"]) * tc["num_hidden_layers"]
                   + tc["vocab_size"] * tc["hidden_size"])  # fp32 bytes of the matrices a step reads (head tied)
-    out = {"vision_flops": vision_flops({**vc, "image_size": vc["image_size"]}), "lm_matrix_bytes_fp32": params,
+    out = {"vision_flops": vision_flops(vc), "lm_matrix_bytes_fp32": params,
            "vision_config": {k: vc[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "image_size",
                                                 "patch_size")},
            "text_config": {k: tc[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim",

@@ -117,6 +117,15 @@ def make(scale: str, model: str, kind: str) -> str | None:
 
         export_bundle(folder(scale, model) / "ckpt", dst)
         return None
+    if kind in OV_NATIVE:
+        import importlib.util
+
+        if not importlib.util.find_spec("nncf"):
+            return "skipped: nncf is not installed (pip install nncf)"
+        from .openvino_native import convert
+
+        convert(folder(scale, model) / "ckpt", dst, kind.removeprefix("ov-native-"), images(len(CALIB_TEXTS), seed=100))
+        return None
     if kind in TRT_SOURCE:
         src = bundle(scale, model, TRT_SOURCE[kind])
         if not (src / "manifest.json").is_file():
