@@ -135,9 +135,12 @@ class BlipRuntime:
     def retrieve(self, images, texts, batch_size: int = 16) -> np.ndarray:
         """Similarity [I, T] of every image with every text (a single string is one text), features
         computed in batches of batch_size through the family's image_features / text_features /
-        similarity."""
+        similarity. An engine bundle's batches are capped at its profiles' max_batch (its manifest's
+        limits), which the engines cannot exceed."""
         if not _is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
+        limit = self.manifest.data.get("limits", {}).get("max_batch") if self.manifest.data.get("target") == "trt" else None
+        batch_size = min(batch_size, int(limit)) if limit else batch_size
         images, texts = _as_list(images), _texts(texts, "texts")
         img = np.concatenate([self.image_features(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
         txt = np.concatenate([self.text_features(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])

@@ -233,3 +233,21 @@ def test_blip_runtime_load_keeps_the_cache_on_the_device(onnx_bundles, cuda, tmp
         assert ours.caption_tokens(imgs, **gen) == ref.caption_tokens(imgs, **gen)
         embeds = 3 * d.num_image_tokens * d.vision_hidden * 4
         assert cuda.copied["D2H"] - before == steps * rows * d.vocab_size * 4 + embeds, gen
+
+
+def test_retrieve_batches_within_the_engines_limits(cuda, tmp_path):
+    """retrieve's default batch (16) is above an engine bundle's max_batch (4 here): its batches are
+    capped at the engines' limit, and the similarities equal the ONNX bundle's."""
+    make_full_checkpoint("BlipForImageTextRetrieval", tmp_path / "ckpt", seed=9, std=0.3)
+    export_bundle(tmp_path / "ckpt", tmp_path / "bundle")
+    build_engines(tmp_path / "bundle", tmp_path / "trt", LIMITS, None)
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 255, (40, 48, 3), dtype=np.uint8) for _ in range(6)]
+    texts = ["a red circle", "a blue square at the top", "two", "a green triangle", "nothing here"]
+    want = BlipRuntime.load(tmp_path / "bundle").retrieve(imgs, texts)
+    ours = BlipRuntime.load(tmp_path / "trt")
+    assert ours.manifest.data["limits"]["max_batch"] == 4
+    got = ours.retrieve(imgs, texts)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert want.shape == (6, 5) and np.ptp(want) > 1e-3  # the similarities vary
+    ours.session.close()

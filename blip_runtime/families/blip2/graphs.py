@@ -188,9 +188,14 @@ def axes(dims: Blip2Dims, limits) -> dict[str, tuple[int, int, int]]:
     Q = dims.num_query_tokens
     text = (1, min(8, limits.max_text_len), limits.max_text_len)
     prompt = (1, Q + text[1], Q + limits.max_text_len)  # queries count as prompt tokens
-    # OPT's cache holds the prompt too; T5's only the generated tokens
-    past_max = limits.max_new_tokens + (prompt[2] if dims.lm == "opt" else 0)
-    past = (0, min(16, past_max), past_max)
+    # OPT's cache holds the prompt too; T5's only the generated tokens. The last generated token is never
+    # fed, so an OPT step's past is at most prompt + max_new_tokens - 2 (and the prompt alone, for the
+    # first step), and its positions reach past + 1 <= max_position_embeddings (the runtime's own check).
+    n = limits.max_new_tokens
+    past_max = max(prompt[2], prompt[2] + n - 2) if dims.lm == "opt" else n
+    # opt: the middle of a typical request's decoding (TensorRT tunes its kernels for this shape)
+    past_opt = min(past_max, prompt[1] + n // 2) if dims.lm == "opt" else min(past_max, max(1, n // 2))
+    past = (0, past_opt, past_max)
     new = (1, 1, limits.max_text_len)
     if dims.lm == "opt" and dims.max_position_embeddings and past[2] + 1 > dims.max_position_embeddings:
         raise ValueError(f"limits: {Q} queries + max_text_len {limits.max_text_len} + max_new_tokens "

@@ -165,11 +165,8 @@ def test_profiles_from_table(bundles, kind, limits):
             manifest.graphs["t5_encoder"], table)["attention_mask"]]
 
 
-# graphs.axes asks Q + max_text_len + max_new_tokens + 1 <= max_position_embeddings (its past bound, P + N,
-# is two above the longest cache a step is fed); the runtime's own check (_check_positions) asks only
-# P + N - 1 <= max_position_embeddings, the last generated token being never fed
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="graphs.axes refuses OPT limits at the end of the position table that the runtime accepts")
+# The runtime's own check (_check_positions) asks P + N - 1 <= max_position_embeddings, the last
+# generated token being never fed; the table's bound must be the same.
 def test_limits_at_the_end_of_the_position_table(bundles):
     """OPT's limits may use every position the runtime itself allows (_check_positions)."""
     d = load_manifest(bundles("opt")).dims
