@@ -17,12 +17,13 @@ class Session(Protocol):
         ...
 
 
-# Rows per run of the CPU graphs that run once per request (vision, cross_kv, text encoders), see
-# OrtSession. Their activations grow with the batch and are the run's peak: BLIP-base fp32, batch 8,
-# vision +461 MB and cross_kv +650 MB over the resident set in one run (its fused K/V projection
-# [8, 577, 24 * 768] and the 24 transposed outputs are alive together). One row at a time bounds
-# that by one request's; a compute-bound graph loses nothing running row by row (measured in
-# RESULTS_memory.md).
+# Rows per run of the CPU graphs that run once per request (vision, cross_kv), see OrtSession. Their
+# activations grow with the batch and were the run's peak: BLIP-base fp32, batch 8, vision rose 461 MB
+# and cross_kv 650 MB above the resident set in one run (its fused K/V projection [8, 577, 24 * 768]
+# and the 24 transposed outputs are alive together). Measured peak of the caption cases (greedy,
+# 3 beams, batch 8; RESULTS_memory.md), arena off + trim: 1 row 1463 MB, 2 rows 1555 MB, whole
+# batches 1719 MB (fp32; int8-cpu 814 / 865 / 1396 MB). A compute-bound graph loses nothing row by
+# row (the paired timing there); the outputs are bit-identical.
 ROWS_PER_RUN = 1
 
 
@@ -141,11 +142,12 @@ class OrtSession:
 # Memory options of every graph's session; benchmarks/memory.py measures each (RESULTS_memory.md).
 # Keys: SessionOptions attributes, or ONNX Runtime session config entries (with a dot).
 # Measured, BLIP-base fp32 caption bundle, greedy + 3 beams + batch 8 once each, peak RSS: ONNX
-# Runtime's defaults 2629 MB, without the CPU arena 2110 MB (the arena keeps every block the batch-8
-# vision graph grew it to: 2629 MB still resident after the run against 1259 MB without it);
-# transformers 1848 MB on the same run. Tokens unchanged. Prepacking stays on: without it fp32 saves
-# another 156 MB after load, but int8-cpu's MatMulNBits decoder step falls to a slow path (a 20-token
-# caption 44 s against seconds on the same loaded machine).
+# Runtime's defaults 2628 MB, without the CPU arena 2083 MB (the arena keeps every block the batch-8
+# graphs grew it to for the session's life); with rows per run and the trim as well 1463 MB, against
+# transformers' 1867 MB on the same run (int8-cpu: 1404 / 1207 / 814 MB). Tokens unchanged.
+# Prepacking stays on: once the heap is trimmed it costs nothing resident (fp32 peak 1463 MB with or
+# without it), and without it int8-cpu's MatMulNBits decoder step takes a slow path (first caption
+# 22.7 s against 4.4 s).
 MEMORY_OPTIONS: dict = {"enable_cpu_mem_arena": False}
 
 

@@ -189,3 +189,22 @@ def test_release_free_memory_returns_freed_heap_pages():
     libc.free(blocks[-1])
     print(f"RSS before the trim {before} KiB, after {after} KiB")
     assert before - after > 32 * 1024, f"the trim released {before - after} KiB of 64 MiB freed"
+
+
+def test_int8_cpu_rows_are_each_image_alone(pair, tmp_path):
+    """int8-cpu quantizes activations with one scale per run: run whole, an image's vision output
+    depends on the other images of its batch; run row by row it is the image's own, as alone."""
+    from blip_export.precision import convert_bundle
+
+    convert_bundle(pair[2].folder, tmp_path / "int8", "int8-cpu", images(3), bound=None)
+    manifest = load_manifest(tmp_path / "int8")
+    imgs = images(3)
+    imgs[1] = (imgs[1] // 8).astype(np.uint8)  # a dark image: its own activation range is narrower
+    split, whole = OrtSession(manifest, rows_per_run=1), plain(manifest)
+    pixels = BlipRuntime(manifest, whole).pixels(imgs)
+    rows = split.run("vision", {"pixel_values": pixels})["image_embeds"]
+    batch = whole.run("vision", {"pixel_values": pixels})["image_embeds"]
+    for i in range(len(imgs)):
+        alone = whole.run("vision", {"pixel_values": pixels[i : i + 1]})["image_embeds"][0]
+        assert_close(rows[i], alone, 1e-7, f"int8-cpu vision row {i}, row by row vs alone")
+    assert np.abs(batch - rows).max() > 0, "whole batches share one scale (the comparison means something)"
