@@ -218,9 +218,14 @@ def main(argv=None) -> None:
         log("wrote easyvqa-blip2-itm")
 
     texts = bt.corpus(split)
+    # every LM starts from the generators' state after stage 1, so that `--only t5` trains the T5 of
+    # the full run (which would otherwise start where OPT's training left the generators)
+    after_stage1 = torch.get_rng_state(), rng.bit_generator.state
     for kind in ("opt", "t5"):
         if kind not in args.only:
             continue
+        torch.set_rng_state(after_stage1[0])
+        rng.bit_generator.state = after_stage1[1]
         tok = bt.opt_tokenizer(texts) if kind == "opt" else bt.t5_tokenizer(texts)
         text_cfg = lm_config(kind, tok)
         cfg = Blip2Config(vision_config=vcfg, qformer_config=qformer_config(args, V, False),
