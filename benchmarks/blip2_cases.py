@@ -16,8 +16,9 @@ by transformers. Peak memory is then about one shard. The tokenizer is the tests
 BPE with OPT's special ids and `<image>` (its ids fit OPT's vocabulary; prompts tokenize into fewer
 pieces than with OPT's own tokenizer, which changes the prefill length by a few tokens only).
 
-transformers runs in fp32 and in bf16 (`from_pretrained(dtype=torch.bfloat16)`: the Q-Former stays
-fp32, transformers' _keep_in_fp32_modules). Its stages are forward hooks on vision_model, qformer and
+transformers runs in fp32 and in bf16 (`from_pretrained(dtype=torch.bfloat16)` of the same weights stored
+in bf16; transformers 5.24 then keeps no module in fp32, the Q-Former included: each row records the
+dtypes it ran). Its stages are forward hooks on vision_model, qformer and
 language_model (the first LM call of a generate is the prefill, the others are the steps).
 """
 
@@ -40,7 +41,8 @@ OPT_13B = dict(model_type="opt", vocab_size=50272, hidden_size=2048, num_hidden_
                bos_token_id=2, eos_token_id=2, pad_token_id=1)
 NUM_QUERIES = 32
 STD = 0.05  # as benchmarks.models.STD: varied tokens
-SHARD_BYTES = 1 << 30  # ~1 GB per safetensors shard: the most the writer holds at once
+SHARD_BYTES = 1 << 30  # ~1 GB (of fp32) per safetensors shard: the most the writer holds at once
+BF16_CKPT = "ckpt-bf16"  # beside "ckpt": the same weights stored in bf16, for transformers-bf16
 STAGES = ("preprocess", "vision", "qformer", "opt_prefill", "opt_step")
 STAGE_NAMES = {"preprocess": "preprocess", "vision": "vision", "qformer": "Q-Former", "opt_prefill": "prefill",
                "opt_step": "steps"}
@@ -67,8 +69,10 @@ def _draw(name: str, shape, g):
     return STD * scale * torch.randn(shape, generator=g)
 
 
-def write_checkpoint(scale: str, folder: Path, seed: int = 20) -> None:
-    """The checkpoint folder (see the module docstring), written shard by shard."""
+def write_checkpoint(scale: str, folder: Path, seed: int = 20, dtype: str = "float32") -> None:
+    """The checkpoint folder (see the module docstring), written shard by shard. dtype "bfloat16": the
+    same draws stored in bf16 (BF16_CKPT, what transformers-bf16 loads: from the fp32 files its load
+    maps 9 GB of fp32 pages beside the 5 GB of bf16 weights, over 12 GB of RSS at real size)."""
     import torch
     import transformers
     from safetensors.torch import save_file
@@ -92,15 +96,16 @@ def write_checkpoint(scale: str, folder: Path, seed: int = 20) -> None:
     weight_map, total = {}, 0
     for i, group in enumerate(groups):  # one shard in memory at a time
         file = "model.safetensors" if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {name: _draw(name, shape, g).contiguous() for name, shape in group}
+        tensors = {name: _draw(name, shape, g).to(getattr(torch, dtype)).contiguous() for name, shape in group}
         save_file(tensors, str(folder / file), metadata={"format": "pt"})
-        total += sum(t.numel() * 4 for t in tensors.values())
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update(dict.fromkeys(tensors, file))
         del tensors
     if len(groups) > 1:
         (folder / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
     config.architectures = [ARCH]  # what save_pretrained records
+    config.dtype = dtype
     config.save_pretrained(folder)
     model.generation_config.save_pretrained(folder)
     processor("opt", config.num_query_tokens, config.vision_config.image_size).save_pretrained(folder)
@@ -116,7 +121,7 @@ def load_transformers(contender, scale: str, dtype: str | None) -> dict:
     from .contenders import THREADS
 
     torch.set_num_threads(THREADS)
-    ckpt = models.folder(scale, MODEL) / "ckpt"
+    ckpt = models.folder(scale, MODEL) / (BF16_CKPT if dtype == "bfloat16" else "ckpt")
     kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
     contender.model = getattr(transformers, ARCH).from_pretrained(ckpt, **kwargs).eval()
     contender.processor = transformers.Blip2Processor.from_pretrained(ckpt)

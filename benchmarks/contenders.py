@@ -165,10 +165,9 @@ class TransformersContender:
     """What users run today: transformers' BLIP classes, eager PyTorch, torch.set_num_threads(THREADS);
     fp32, or (dtype "bfloat16", BLIP-2 only) the LM and the vision model in bf16 (benchmarks.blip2_cases)."""
 
-    needs = ()  # runs the checkpoint itself: no bundle
-
     def __init__(self, dtype: str | None = None):
         self.dtype = dtype
+        self.needs = ("ckpt-bf16",) if dtype == "bfloat16" else ()  # BLIP-2's weights stored in bf16 (blip2_cases)
         self.clock = StageClock()
 
     def unavailable(self, scale: str, model: str) -> str | None:

@@ -72,6 +72,12 @@ def build(scale: str = "base", kinds=KINDS, rebuild: bool = False, say=print, on
                 from tests.oracle import make_full_checkpoint
 
                 make_full_checkpoint(ARCH[model], ckpt, hf_config(scale), seed=10 + i, std=STD)
+        if model in BLIP2 and "ckpt-bf16" in kinds and not (folder(scale, model) / "ckpt-bf16" / "config.json").is_file():
+            from .blip2_cases import BF16_CKPT, write_checkpoint
+
+            say(f"writing the {scale} {model} checkpoint in bf16")
+            write_checkpoint(scale, folder(scale, model) / BF16_CKPT, dtype="bfloat16")
+        kinds = [k for k in kinds if k != "ckpt-bf16"]  # not a bundle
         wanted = ["fp32"] + [TRT_SOURCE[k] for k in kinds if k in TRT_SOURCE] + list(kinds)
         for kind in dict.fromkeys(wanted):  # each once, sources before the engines built from them
             if (kind in OV_NATIVE and model != "caption") or (model in BLIP2 and kind not in BLIP2_KINDS):
