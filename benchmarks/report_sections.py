@@ -43,6 +43,8 @@ def contender_lines(results) -> list[str]:
         info = w["info"]
         what = info.get("form") or (f"eager PyTorch {info.get('dtype', 'float32')}, torch {info.get('torch')}, "
                                     f"transformers {info.get('transformers')}")
+        if w["contender"] == "ort-int8":
+            what += " (what `blip-export --precision int8` writes for ONNX Runtime: the bundle was converted with that name)"
         out.append(f"- `{w['contender']}`: {what}")
     return out
 
