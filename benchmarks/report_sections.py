@@ -93,6 +93,19 @@ def openvino_lines(results, table) -> list[str]:
             cells = [fmt_s(s["stages"].get(st)) if s["stages"].get(st) else "–" for st in stages]
             out.append(f"| {case['name']} | {c} | {fmt_s(s['median'])} | " + " | ".join(cells)
                        + f" | {fmt_s(s['per_token'])} | {w.get('peak_rss_mb', 0):.0f} MiB | {same} |")
+    out += ["", "Precision by precision (ours against OpenVINO's best of the same precision; the gap's largest stages):", ""]
+    pairs = (("fp32", "ort-fp32", ("ov-fp32", "ov-native-fp32")), ("int8", "ort-int8", ("ov-int8", "ov-native-int8")))
+    for case in results["cases"]:
+        row = table.get(case["name"], {})
+        for what, ours, theirs in pairs:
+            rivals = [c for c in theirs if c in row]
+            if ours not in row or not rivals:
+                continue
+            ov = min(rivals, key=lambda c: row[c]["median"])
+            a, b = row[ours], row[ov]
+            lead = (f"ours ahead, {b['median'] / a['median']:.2f}×" if a["median"] <= b["median"] else
+                    f"**{ov} ahead, {a['median'] / b['median']:.2f}×** (" + _where(b, a) + ")")
+            out.append(f"- {case['name']}, {what}: {ours} {fmt_s(a['median'])}, {ov} {fmt_s(b['median'])}: {lead}.")
     return out
 
 
