@@ -103,7 +103,7 @@ def convert(ckpt: Path, dst: Path, variant: str, calib_images: list) -> None:
     torch.set_num_threads(2)
     model = transformers.BlipForConditionalGeneration.from_pretrained(ckpt).eval()
     proc = transformers.BlipProcessor.from_pretrained(ckpt).image_processor
-    vc, tc = model.config.vision_config, model.config.text_config
+    tc = model.config.text_config
     settings = {"size": [proc.size["height"], proc.size["width"]], "mean": list(proc.image_mean),
                 "std": list(proc.image_std), "bos_token_id": tc.bos_token_id, "eos_token_id": tc.sep_token_id,
                 "layers": tc.num_hidden_layers, "heads": tc.num_attention_heads,

@@ -16,6 +16,10 @@ import numpy as np
 from .cases import BLIP2, NEW_TOKENS
 
 HERE = Path(__file__).resolve().parent
+MATMUL_OPS = {"MatMul", "FusedMatMul", "Gemm", "Conv"}
+# The performance goal's numeric targets (benchmarks.report's targets table)
+TARGETS = {"caption_fp32": 1.8, "caption_int8": 5.0, "vision_share": 0.85, "decode_vs_read": 1.3, "batch8": 3.0,
+           "int8_vs_fp32": 2.5}
 OURS = ("ort-fp32", "ort-int8", "ort-int8-cpu", "ort-int8-qdq", "ort-fp16", "ort-int4")
 OURS_INT8 = ("ort-int8", "ort-int8-cpu", "ort-int8-qdq", "ort-int4")
 OPENVINO = ("ov-fp32", "ov-int8", "ov-native-fp32", "ov-native-bf16", "ov-native-int8", "ov-native-int4")
