@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     from .files import ExportError
     from .pipeline import export, resolve_precision
 
-    models = default_models()
+    models = {**default_models("blip"), **default_models("blip-2")}  # BLIP's lines first, then BLIP-2's
     if not models:
         print("demo: no shipped models found in blip_export/models", file=sys.stderr)
         return 1
