@@ -17,6 +17,26 @@ from blip_runtime import BlipRuntime
 
 from .families import family
 
+# Used when no texts come with the images: generic questions (VQA) and captions (ITM / ITC / prompts).
+DEFAULT_QUESTIONS = ("what is in the picture?", "what color is it?", "how many are there?", "where is this?",
+                     "is there a person?", "what is on the left?")
+DEFAULT_TEXTS = ("a photo of a dog on the grass", "a red car parked on a street", "two people sitting at a table",
+                 "a plate of food", "a cat sleeping on a bed", "a city skyline at night")
+
+
+def texts_for(start: int, n: int, texts: Sequence | None, kind: str) -> list[str]:
+    """The texts of images start..start+n for a workload `kind` ("vqa": questions; anything else:
+    captions): the given ones (cycled if fewer), else the defaults. An item of `texts` is one text
+    for every task, or {"caption": ..., "question": ...} (the shipped calibration set's form), so VQA
+    is calibrated on questions and ITM / ITC on captions of the same image."""
+    if not texts:
+        pool = list(DEFAULT_QUESTIONS if kind == "vqa" else DEFAULT_TEXTS)
+    else:
+        key = "question" if kind == "vqa" else "caption"
+        pool = [t[key] if isinstance(t, dict) else t for t in texts]
+    return [pool[i % len(pool)] for i in range(start, start + n)]
+
+
 class RecordingSession:
     """A runtime Session that records every call's feeds per graph, then runs it on `inner`.
 

@@ -9,24 +9,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .families import FAMILIES
+
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 SAMPLES_DIR = MODELS_DIR / "samples"
 CALIBRATION_DIR = MODELS_DIR / "calibration"
 
 
 def model_family(folder: Path) -> str:
-    """"blip" or "blip-2": the family of a checkpoint folder, from its config.json's model_type."""
+    """The family of a checkpoint folder (a key of blip_export.families.FAMILIES), from its
+    config.json's model_type."""
     model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
-    if model_type not in ("blip", "blip-2"):
-        raise ValueError(f"{folder / 'config.json'}: model_type {model_type!r}, expected 'blip' or 'blip-2'")
+    if model_type not in FAMILIES:
+        raise ValueError(f"{folder / 'config.json'}: model_type {model_type!r}, expected one of {sorted(FAMILIES)}")
     return model_type
 
 
 def default_models(family: str | None = None) -> dict[str, Path]:
     """name -> checkpoint folder, for every shipped checkpoint (folders holding a config.json), or
-    only those of `family` ("blip": easyvqa-caption, -vqa, -itm; "blip-2": easyvqa-blip2-opt, -t5, -itm)."""
-    if family not in (None, "blip", "blip-2"):
-        raise ValueError(f"family={family!r}: expected None, 'blip' or 'blip-2'")
+    only those of `family` (a key of blip_export.families.FAMILIES, as model_family gives)."""
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"family={family!r}: expected None or one of {sorted(FAMILIES)}")
     if not MODELS_DIR.is_dir():
         return {}
     models = {p.name: p for p in sorted(MODELS_DIR.iterdir()) if (p / "config.json").is_file()}
@@ -51,3 +54,10 @@ def calibration_images() -> list[Path]:
     """The shipped int8 calibration images (easy-VQA train split, never used for evaluation)."""
     data = json.loads((CALIBRATION_DIR / "calibration.json").read_text(encoding="utf-8"))
     return [CALIBRATION_DIR / f for f in data["images"]]
+
+
+def calibration_texts() -> list[dict]:
+    """One {"caption", "question"} per shipped calibration image (its easy-VQA caption and a question
+    of it): int8 calibrates ITM / ITC on the images' own captions and VQA on their questions."""
+    data = json.loads((CALIBRATION_DIR / "calibration.json").read_text(encoding="utf-8"))
+    return list(data["texts"])

@@ -25,7 +25,7 @@ from blip_runtime.image import load_image
 
 from .bundle import ExportReport, default_output, export_bundle
 from .config import read_config
-from .defaults import calibration_images
+from .defaults import calibration_images, calibration_texts
 from .families import family
 from .files import ExportError, check_output, staging
 
@@ -109,8 +109,9 @@ def export(
         if reason:
             raise ExportError(f"--target trt: {reason}; use --target onnx")
     calib = find_images(Path(calib_images)) if calib_images else None
-    if form in CALIBRATED and calib is None:
-        calib = calibration_images()
+    calib_texts = None
+    if form in CALIBRATED and calib is None:  # the shipped set, with each image's caption and question
+        calib, calib_texts = calibration_images(), calibration_texts()
     if form == "fp32" and target == "onnx":
         report = export_bundle(checkpoint, dest, tasks, form, limits, progress=progress)
         report.seconds = time.time() - start
@@ -124,7 +125,7 @@ def export(
             from .precision import INT8_BOUND, convert_bundle
 
             onnx_bundle = dest if target == "onnx" else work / form
-            data = convert_bundle(work / "fp32", onnx_bundle, form, calib_images=calib,
+            data = convert_bundle(work / "fp32", onnx_bundle, form, calib_images=calib, calib_texts=calib_texts,
                                   bound=None if quantize_all else INT8_BOUND, progress=progress)
             report.accuracy = data.get("accuracy")
         if build_engines is not None:

@@ -265,8 +265,8 @@ def convert_bundle(
     Runtime's MultiHeadAttention) where the family has that form; a standard fp32 bundle converts as well.
     The family's rules for each graph (ExportFamily.precision_policy) apply on top of the core's.
 
-    calib_images (paths, PIL images or uint8 HxWx3 arrays) with optional calib_texts (one caption
-    or question per image): int8 is calibrated on them. Held-out images measure the accuracy: given,
+    calib_images (paths, PIL images or uint8 HxWx3 arrays) with optional calib_texts (one text per
+    image, or a {"caption", "question"} per image: calibration.texts_for): int8 is calibrated on them. Held-out images measure the accuracy: given,
     or for int8 the last quarter of calib_images; fp16 and int8-cpu calibrate nothing and measure on
     all the images given (synthetic ones when none are: synthetic_images).
     bound: the largest relative error an int8 graph may have on held-out feeds before layer groups

@@ -13,17 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-# Used when no texts come with the images: generic questions (VQA) and captions (ITM / ITC / prompts).
-DEFAULT_QUESTIONS = ("what is in the picture?", "what color is it?", "how many are there?", "where is this?",
-                     "is there a person?", "what is on the left?")
-DEFAULT_TEXTS = ("a photo of a dog on the grass", "a red car parked on a street", "two people sitting at a table",
-                 "a plate of food", "a cat sleeping on a bed", "a city skyline at night")
-
-
-def _texts_for(start: int, n: int, texts: Sequence[str] | None, kind: str) -> list[str]:
-    """The texts of images start..start+n: the given ones (cycled if fewer), else the defaults."""
-    pool = list(texts) if texts else DEFAULT_QUESTIONS if kind == "vqa" else DEFAULT_TEXTS
-    return [pool[i % len(pool)] for i in range(start, start + n)]
+from ...calibration import texts_for as _texts_for
 
 
 def _text_states(runtime, texts: list[str]) -> np.ndarray:
@@ -37,7 +27,8 @@ def exercise(runtime, images: list, texts: Sequence[str] | None = None, batch_si
              tasks: Sequence[str] | None = None, **generation) -> dict:
     """Run every task of the BLIP-2 bundle (or `tasks`) over `images`, `batch_size` at a time.
 
-    texts: one per image (cycled if fewer): the VQA questions, the ITM/ITC texts, and (first three
+    texts: one per image (cycled if fewer), a string or {"caption", "question"}
+    (calibration.texts_for): the VQA questions, the ITM/ITC texts, and (first three
     words) caption prompts; defaults are generic. Generation is the bundle's default (greedy unless
     its generation config says otherwise), with `generation` on top. Returns, for the tasks the
     bundle has: "caption", "caption_prompted", "vqa": token lists (generate); "features": the
