@@ -202,7 +202,7 @@ def main(argv=None) -> int:
 
     temp = Path(tempfile.mkdtemp(prefix="blip-serving-bench-"))
     bundles = {}
-    for name, folder in default_models().items():
+    for name, folder in default_models("blip").items():
         bundles[name.split("-", 1)[1]] = export(folder, temp / name.split("-", 1)[1]).bundle
     image = Path(sample_images()[0]["path"])
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "capfilt_images": args.capfilt_images,

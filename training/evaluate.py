@@ -40,7 +40,7 @@ def ensure_bundles(engines: Path, precision: str) -> dict[str, Path]:
     from blip_export.pipeline import export, resolve_precision
 
     out = {}
-    for name, folder in default_models().items():
+    for name, folder in default_models("blip").items():
         dest = engines / f"{name}-{resolve_precision(precision)}"  # "int8" is int8-cpu's folder
         manifest = dest / "manifest.json"
         source = json.loads(manifest.read_text()).get("build", {}).get("source_sha256") if manifest.is_file() else None

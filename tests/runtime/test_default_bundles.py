@@ -20,7 +20,7 @@ SUBSET = 200  # images of the test split (and their ~1,900 questions)
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
-    models = default_models()
+    models = default_models("blip")
     assert set(models) == {"easyvqa-caption", "easyvqa-vqa", "easyvqa-itm"}, models
     out = tmp_path_factory.mktemp("bundles")
     return {name: export(folder, out / name).bundle for name, folder in models.items()}
@@ -30,7 +30,7 @@ def bundles(tmp_path_factory):
 def test_runtime_equals_transformers_on_shipped_checkpoints(bundles):
     import transformers
 
-    models = default_models()
+    models = default_models("blip")
     samples = sample_images()
     paths = [s["path"] for s in samples]
     processor = transformers.BlipProcessor.from_pretrained(models["easyvqa-caption"])

@@ -11,7 +11,7 @@ def shared_bundles(tmp_path_factory) -> dict:
     session and reused by every serve test module after."""
     root = tmp_path_factory.getbasetemp() / "serve_bundles"
     out = {}
-    for name, folder in default_models().items():
+    for name, folder in default_models("blip").items():
         dest = root / name.split("-", 1)[1]
         if not (dest / "manifest.json").is_file():
             export(folder, dest)

@@ -376,7 +376,8 @@ def test_table_selection_and_dims_round_trip():
     with pytest.raises(ValueError, match="positions"):
         axes(dims, Limits(max_text_len=2000))
     bounds = axes(dims, Limits(max_batch=8, max_text_len=40, max_new_tokens=30, num_beams=3))
-    assert bounds["prompt"] == (1, 40, 72) and bounds["past"][2] == 102 and bounds["rows"][2] == 24
+    # the longest past a step is fed: prompt 72 + 30 new tokens - 2 (the last token is never fed)
+    assert bounds["prompt"] == (1, 40, 72) and bounds["past"][2] == 100 and bounds["rows"][2] == 24
     assert set(TASKS) == {"generate", "features", "itm", "itc"}
     features = graphs(dims, ["generate", "features"])
     assert [t.name for t in features["vision"].outputs] == ["image_embeds", "pooled_output"]
