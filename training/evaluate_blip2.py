@@ -11,10 +11,15 @@
 - ITM (same model, its matching head): ROC AUC of p(match) of each image's caption against the same
   caption with another colour, and with another shape (the hard negatives of its training).
 
-The same numbers through exported ONNX Runtime bundles with --engines: the three fp32 bundles are
-exported there (where missing) and run by blip_runtime with the same images, prompts and texts.
+The same numbers through exported ONNX Runtime bundles with --engines: the three bundles of each
+--precisions form (default fp32) are exported there where missing, named "{model}-{form}" ("int8"
+is written as int8-cpu, the form it resolves to on --target onnx), and run by blip_runtime with the
+same images, prompts and texts. int4 applies to the two generation models only: its 4-bit form is
+for the decoding loop's step graphs, which the ITM model has none of, so pipeline's int4 of it would
+be its int8-cpu graphs again (precision.convert_bundle: the graphs of many rows as int8-cpu).
 
-    python training/evaluate_blip2.py [--models DIR] [--engines DIR] [--limit N] [--json FILE]
+    python training/evaluate_blip2.py [--models DIR] [--engines DIR] [--precisions fp32,fp16,int8,int8-qdq,int4]
+                                      [--limit N] [--json FILE]
 """
 
 from __future__ import annotations
@@ -166,16 +171,24 @@ def evaluate(models: Path, split, batch: int = 64) -> dict[str, dict]:
     return res
 
 
-def export_bundles(models: Path, engines: Path) -> dict[str, Path]:
-    """name -> fp32 ONNX Runtime bundle of each checkpoint, exported into `engines` where missing."""
-    from blip_export.pipeline import export
+def bundle_names(precision: str) -> tuple[str, ...]:
+    """The checkpoints a bundle of `precision` is made of: int4's 4-bit form is for step graphs only."""
+    return NAMES[:2] if precision == "int4" else NAMES
 
-    out = {}
-    for name in NAMES:
-        out[name] = engines / f"{name}-fp32"
+
+def export_bundles(models: Path, engines: Path, precision: str = "fp32") -> dict[str, Path]:
+    """name -> ONNX Runtime bundle of `precision` of each checkpoint (bundle_names), exported into
+    `engines` as "{name}-{form}" where missing (form: pipeline.resolve_precision, "int8" -> "int8-cpu")."""
+    from blip_export.pipeline import export, resolve_precision
+
+    form, out = resolve_precision(precision, "onnx"), {}
+    for name in bundle_names(precision):
+        out[name] = engines / f"{name}-{form}"
         if not (out[name] / "manifest.json").is_file():
-            print(f"exporting {name} fp32", flush=True)
-            export(models / name, out[name])
+            print(f"exporting {name} {form}", flush=True)
+            start = time.time()
+            export(models / name, out[name], precision=precision)
+            print(f"exported {name} {form} in {time.time() - start:.0f} s", flush=True)
     return out
 
 
@@ -186,13 +199,17 @@ def evaluate_bundles(bundles: dict[str, Path], split, batch: int = 64) -> dict[s
 
     res, images, qi = {}, list(split.images), split.question_image
     for name in NAMES[:2]:
+        if name not in bundles:
+            continue
         start = time.time()
         rt = BlipRuntime.load(bundles[name])
         caps = [c.strip() for i in range(0, len(images), batch) for c in rt.caption(images[i: i + batch])]
         ans = [a.strip() for i in range(0, len(qi), batch)
                for a in rt.answer([images[n] for n in qi[i: i + batch]], list(split.questions[i: i + batch]))]
         res[name] = lm_scores(caps, ans, split, start)
-        print(name, "bundle", json.dumps(res[name]), flush=True)
+        print(bundles[name].name, json.dumps(res[name]), flush=True)
+    if NAMES[2] not in bundles:
+        return res
     start = time.time()
     rt = BlipRuntime.load(bundles[NAMES[2]])
     texts = sorted(set(split.captions))
@@ -202,7 +219,7 @@ def evaluate_bundles(bundles: dict[str, Path], split, batch: int = 64) -> dict[s
     p_match = np.concatenate([rt.match([images[n] for n in rows[i: i + batch]], pair_texts[i: i + batch])
                               for i in range(0, len(rows), batch)])
     res[NAMES[2]] = itm_scores(rt.similarity(image_feat, text_feat), texts, p_match, kinds, split, start)
-    print(NAMES[2], "bundle", json.dumps(res[NAMES[2]]), flush=True)
+    print(bundles[NAMES[2]].name, json.dumps(res[NAMES[2]]), flush=True)
     return res
 
 
@@ -220,12 +237,60 @@ def table(res: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The by-precision table's columns per model: the scores a reduced form must keep within BAR of fp32.
+PRECISION_COLUMNS = {NAMES[0]: ("vqa_accuracy", "caption_correct"), NAMES[1]: ("vqa_accuracy", "caption_correct"),
+                     NAMES[2]: ("i2t_r1", "t2i_r1", "itm_auc_colour", "itm_auc_shape")}
+BAR = 1.0  # points: percent for the % scores, 100 x AUC for the AUCs
+
+
+def points(key: str, value: float) -> float:
+    return 100.0 * value if key.startswith("itm_auc") else value
+
+
+def misses(by_form: dict[str, dict[str, dict]]) -> list[str]:
+    """The scores of a reduced form more than BAR points below fp32's, one line each (none without fp32)."""
+    base, out = by_form.get("fp32"), []
+    for form, res in by_form.items():
+        for name, r in res.items() if base and form != "fp32" else ():
+            for k in PRECISION_COLUMNS[name]:
+                drop = points(k, base[name][k]) - points(k, r[k])
+                if drop > BAR:
+                    out.append(f"{name} {form} {COLUMNS[k]}: {r[k]:.4g} vs fp32 {base[name][k]:.4g} ({drop:.2f} points)")
+    return out
+
+
+def precision_table(by_form: dict[str, dict[str, dict]]) -> str:
+    """One row per model and score, one column per form ({form: {name: scores}}, as main builds it);
+    a reduced form's cell carries its difference from fp32 (in the score's own unit), "-" where the form
+    has no bundle."""
+    forms = list(by_form)
+    lines = ["| model | score | " + " | ".join(forms) + " |", "|" + " --- |" * (len(forms) + 2)]
+    for name, keys in PRECISION_COLUMNS.items():
+        for k in keys:
+            cells = []
+            for form in forms:
+                r, base = by_form[form].get(name), by_form.get("fp32", {}).get(name)
+                if r is None:
+                    cells.append("-")
+                    continue
+                auc = k.startswith("itm_auc")
+                cell = f"{r[k]:.4f}" if auc else f"{r[k]:.2f}"
+                if base is not None and form != "fp32":
+                    cell += f" ({r[k] - base[k]:+.4f})" if auc else f" ({r[k] - base[k]:+.2f})"
+                cells.append(cell)
+            lines.append(f"| {name} | {COLUMNS[k]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=Path, default=ROOT / "blip_export" / "models")
     ap.add_argument("--split", default="test")
     ap.add_argument("--limit", type=int, help="only the first N images (and their questions)")
-    ap.add_argument("--engines", type=Path, help="also export fp32 bundles here (where missing) and evaluate them")
+    ap.add_argument("--engines", type=Path, help="also export bundles here (where missing) and evaluate them")
+    ap.add_argument("--precisions", default="fp32",
+                    help="comma-separated bundle precisions for --engines (fp32, fp16, int8, int8-cpu, int8-qdq, int4)")
+    ap.add_argument("--no-transformers", action="store_true", help="only the bundles (with --engines)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -235,12 +300,27 @@ def main(argv=None) -> int:
         import evaluate_reference as ref
 
         split = ref.limit(split, args.limit)
-    res = {f"{name} (transformers)": r for name, r in evaluate(args.models, split).items()}
-    if args.engines:
-        bundles = export_bundles(args.models, args.engines)
-        res.update({f"{name} (ONNX Runtime fp32)": r for name, r in evaluate_bundles(bundles, split).items()})
+    from blip_export.files import ExportError
+    from blip_export.pipeline import resolve_precision
+
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    try:
+        forms = [resolve_precision(p, "onnx") for p in precisions]
+    except ExportError as e:  # the pipeline's one line: which name, which were expected
+        ap.error(str(e))
+    if args.no_transformers and not args.engines:
+        ap.error("--no-transformers: expected --engines too (there is nothing else to evaluate)")
+    res = {} if args.no_transformers else {f"{name} (transformers)": r for name, r in evaluate(args.models, split).items()}
+    by_form = {}
+    for precision, form in zip(precisions, forms) if args.engines else ():
+        bundles = export_bundles(args.models, args.engines, precision)
+        by_form[form] = evaluate_bundles(bundles, split)
+        res.update({f"{name} (ONNX Runtime {form})": r for name, r in by_form[form].items()})
     print(f"easy-VQA {args.split}: {len(split.images)} images, {len(split.questions)} questions\n")
     print(table(res))
+    if len(by_form) > 1:
+        print(precision_table(by_form))
+        res["by_precision"] = {"table": precision_table(by_form), "misses": misses(by_form)}
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
     return 0
