@@ -148,19 +148,25 @@ def lm_loss(kind: str, lm, embeds, mask, labels) -> torch.Tensor:
     return lm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
 
 
-def pretrain(kind: str, lm, tok: Tokenizer, split, steps: int, batch: int, seed: int, log) -> None:
+def pretrain(kind: str, lm, tok: Tokenizer, split, steps: int, batch: int, seed: int, log,
+             questions: float = 0.75, shuffle: float = 0.5) -> None:
     """Text pretraining with the caption as context (see the module docstring); AdamW, cosine.
 
-    A quarter of each batch are captions (copying the context is learnt in a few dozen steps), three
-    quarters questions: yes/no questions ("is there not a red shape?") are learnt late and abruptly
-    (the loss drops from ~0.07 to ~0.001 somewhere after step 400), and 600 steps of half questions
-    left one OPT at 93 % on them, which no Q-Former trained through it could then exceed.
+    `questions` of each batch are questions, the rest captions (copying the context is learnt in a few
+    dozen steps). For OPT three quarters questions: yes/no questions ("is there not a red shape?") are
+    learnt late and abruptly (the loss drops from ~0.07 to ~0.001 somewhere after step 400), and 600 steps
+    of half questions left one OPT at 93 % on them, which no Q-Former trained through it could then
+    exceed.
 
-    Half of the time the context is the caption with its words in random order. Read in caption order
-    only, both LMs answered yes/no from the text perfectly, but a Q-Former prefix trained through them
-    got only 85-89 % of the yes/no questions right (captions 99 %; stage-2 loss stuck near 0.3): what
-    they had learnt to read depended on word positions, which a prefix of 8 query outputs does not
-    reproduce. With shuffled contexts OPT's stage-2 loss at step 500 fell from 0.40 to 0.12."""
+    A `shuffle` share of the contexts (OPT: half) is the caption with its words in random order. Read in
+    caption order only, both LMs answered yes/no from the text perfectly, but a Q-Former prefix trained
+    through them got only 85-89 % of the yes/no questions right (captions 99 %; stage-2 loss stuck near
+    0.3): what they had learnt to read depended on word positions, which a prefix of 8 query outputs does
+    not reproduce. With shuffled contexts OPT's stage-2 loss at step 500 fell from 0.40 to 0.12. T5 gained
+    far less from them (train_blip2.py's --t5-lm-* options)."""
+    if not 0.0 < questions < 1.0 or not 0.0 <= shuffle <= 1.0:
+        raise ValueError(f"pretrain: questions must lie in (0, 1) and shuffle in [0, 1], "
+                         f"got {questions}, {shuffle}")
     rng, order = np.random.default_rng(seed), np.random.default_rng(seed + 1)
     captions = split.captions
     rows_of = opt_rows if kind == "opt" else t5_rows
@@ -171,8 +177,8 @@ def pretrain(kind: str, lm, tok: Tokenizer, split, steps: int, batch: int, seed:
             g["lr"] = 2e-3 * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         q = rng.integers(0, len(split.questions), batch)
         img = split.question_image[q]
-        ctx = ids_of(tok, [shuffled(captions[i], order) for i in img])
-        n = batch // 4
+        ctx = ids_of(tok, [shuffled(captions[i], order, shuffle) for i in img])
+        n = batch - round(batch * questions)  # captions first
         a = rows_of(tok, ctx[:n], [captions[i] for i in img[:n]], None)
         b = rows_of(tok, ctx[n:], [split.answers[i] for i in q[n:]], [PROMPT.format(split.questions[i]) for i in q[n:]])
         loss = sum(lm_loss(kind, lm, lm.get_input_embeddings()(ids), mask, lab) for ids, mask, lab in (a, b))
@@ -187,10 +193,11 @@ def pretrain(kind: str, lm, tok: Tokenizer, split, steps: int, batch: int, seed:
         p.requires_grad_(False)
 
 
-def shuffled(text: str, rng) -> str:
-    """`text` as it is, or (half of the time) its words in a random order."""
+def shuffled(text: str, rng, share: float = 0.5) -> str:
+    """`text` as it is, or (a `share` of the time) its words in a random order. One draw whatever
+    the share, so that the generator's stream does not depend on it."""
     words = text.split()
-    return text if rng.random() < 0.5 else " ".join(words[i] for i in rng.permutation(len(words)))
+    return text if rng.random() < 1.0 - share else " ".join(words[i] for i in rng.permutation(len(words)))
 
 
 @torch.no_grad()
