@@ -167,35 +167,10 @@ def run_transformers(contender, case, images) -> list[list[int]]:
 
 
 # -- the model's work ------------------------------------------------------------------------------------
-def graph_weight_bytes(path: Path) -> dict:
-    """Bytes of a graph's initializers from their shapes and types (external data is not read), split into
-    tables only ever gathered from (one row per token) and the rest, which a step reads whole."""
-    from collections import defaultdict
-
-    import onnx
-    from onnx import helper
-
-    model = onnx.load(str(path), load_external_data=False)
-    consumers = defaultdict(set)
-    for node in model.graph.node:
-        for name in node.input:
-            consumers[name].add(node.op_type)
-    read = gathered = 0
-    for init in model.graph.initializer:
-        size = int(np.prod(init.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
-        if init.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
-            size //= 2
-        if consumers[init.name] == {"Gather"}:
-            gathered += size
-        else:
-            read += size
-    return {"read_bytes": read, "gathered_bytes": gathered}
-
-
 def facts(scale: str, kinds: list[str]) -> dict:
     """Vision FLOPs per image; per bundle kind, the bytes one LM step reads (opt_step's initializers)."""
     from . import models
-    from .limits import vision_flops
+    from .limits import graph_weight_bytes, vision_flops
 
     config = json.loads((models.folder(scale, MODEL) / "ckpt" / "config.json").read_text())
     vc, tc = config["vision_config"], config["text_config"]

@@ -152,20 +152,22 @@ def vision_flops(config: dict, batch: int = 1) -> float:
     return batch * (embed + layers * layer)
 
 
-def decoder_weight_bytes(path: Path) -> dict:
-    """Bytes of decoder_step's initializers that a step reads whole: every initializer except the
-    tables only ever gathered from (word and position embeddings: one row per token)."""
+def graph_weight_bytes(path: Path) -> dict:
+    """Bytes of a graph's initializers from their shapes and types (external data is not read), split into
+    tables only ever gathered from (one row per token) and the rest, which a step reads whole."""
     import onnx
-    from onnx import numpy_helper
+    from onnx import helper
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)
     consumers = defaultdict(set)
     for node in model.graph.node:
         for name in node.input:
             consumers[name].add(node.op_type)
     read = gathered = 0
     for init in model.graph.initializer:
-        size = numpy_helper.to_array(init).nbytes
+        size = int(np.prod(init.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        if init.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+            size //= 2
         if consumers[init.name] == {"Gather"}:
             gathered += size
         else:

@@ -18,7 +18,7 @@ from . import report_sections as more
 from .cases import BLIP2, NEW_TOKENS
 from .report_profile import profile_section
 from .report_sections import TARGETS, fmt_s
-from .limits import decoder_weight_bytes, vision_flops
+from .limits import graph_weight_bytes, vision_flops
 
 STAGES = ("preprocess", "vision", "text_encoder", "cross_kv", "decoder_step")
 STAGE_NAMES = {"preprocess": "preprocess", "vision": "vision", "text_encoder": "text encoder",
@@ -33,7 +33,7 @@ def model_facts(scale: str) -> dict:
     dims = json.loads((decoder.parent / "manifest.json").read_text())["dims"]
     cross = 2 * dims["num_layers"] * dims["num_image_tokens"] * dims["text_hidden"] * 4  # K and V, fp32, one row
     return {"vision_flops": vision_flops(config["vision_config"]),
-            "decoder": {**decoder_weight_bytes(decoder), "cross_kv_bytes": cross},
+            "decoder": {**graph_weight_bytes(decoder), "cross_kv_bytes": cross},
             "vision_config": {k: config["vision_config"][k] for k in
                               ("hidden_size", "intermediate_size", "num_hidden_layers", "image_size", "patch_size")}}
 
