@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -121,3 +123,28 @@ def make_full_checkpoint(arch: str, folder, config=None, seed: int = 0, std: flo
     save_processor(folder, config.text_config.vocab_size, image_size or config.vision_config.image_size,
                    mean=image_mean, std=image_std)
     return model
+
+
+def shipped_model_loader(models: Path, names: dict[str, str], processor: str, hint: str):
+    """A get(name) -> (transformers model in eval mode, our reference model, processor) over the shipped
+    checkpoint folders models/<name> (names: folder -> transformers class), each built once. Loading
+    asserts that the folder exists (else `hint` says how to make it), that transformers finds no
+    missing, unexpected or mismatched keys, and that load_model reads the same architecture."""
+    import transformers
+
+    from blip_export import load_model
+
+    made = {}
+
+    def get(name):
+        if name not in made:
+            folder = models / name
+            assert (folder / "config.json").is_file(), f"{folder} is missing: {hint}"
+            theirs, info = getattr(transformers, names[name]).from_pretrained(folder, output_loading_info=True)
+            assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+            ours, config = load_model(folder)
+            assert config.architecture == names[name]
+            made[name] = (theirs.eval(), ours, getattr(transformers, processor).from_pretrained(folder))
+        return made[name]
+
+    return get

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from blip_export import load_model
 from blip_export.defaults import default_models, resolve_model
-from oracle import assert_close
+from oracle import assert_close, shipped_model_loader
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "blip_export" / "models"
@@ -43,22 +42,7 @@ def images():
 @pytest.fixture(scope="module")
 def loaded():
     """name -> (transformers model, our model, Blip2Processor), built once."""
-    import transformers
-
-    made = {}
-
-    def get(name):
-        if name not in made:
-            folder = MODELS / name
-            assert (folder / "config.json").is_file(), f"{folder} is missing: run training/train_blip2.py"
-            theirs, info = getattr(transformers, NAMES[name]).from_pretrained(folder, output_loading_info=True)
-            assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-            ours, config = load_model(folder)
-            assert config.architecture == NAMES[name]
-            made[name] = (theirs.eval(), ours, transformers.Blip2Processor.from_pretrained(folder))
-        return made[name]
-
-    return get
+    return shipped_model_loader(MODELS, NAMES, "Blip2Processor", "run training/train_blip2.py")
 
 
 def test_listed_and_sizes():

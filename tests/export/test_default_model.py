@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from blip_export import load_model
 from blip_runtime.processor_config import image_processor_config
-from oracle import assert_close
+from oracle import assert_close, shipped_model_loader
 
 MODELS = Path(__file__).resolve().parents[2] / "blip_export" / "models"
 NAMES = {"easyvqa-caption": "BlipForConditionalGeneration", "easyvqa-vqa": "BlipForQuestionAnswering",
@@ -30,22 +29,7 @@ def samples() -> list[dict]:
 @pytest.fixture(scope="module")
 def loaded():
     """name -> (transformers model, our model, BlipProcessor), built once."""
-    import transformers
-
-    made = {}
-
-    def get(name):
-        if name not in made:
-            folder = MODELS / name
-            assert (folder / "config.json").is_file(), f"{folder} is missing: run training/train.py (see models/README.md)"
-            theirs, info = getattr(transformers, NAMES[name]).from_pretrained(folder, output_loading_info=True)
-            assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-            ours, config = load_model(folder)
-            assert config.architecture == NAMES[name]
-            made[name] = (theirs.eval(), ours, transformers.BlipProcessor.from_pretrained(folder))
-        return made[name]
-
-    return get
+    return shipped_model_loader(MODELS, NAMES, "BlipProcessor", "run training/train.py (see models/README.md)")
 
 
 def test_sizes_and_files():
