@@ -118,3 +118,19 @@ def make_checkpoint(arch: str, folder, config, seed: int = 0, std: float = 0.05,
 
 def pixels(batch: int = 2, size: int = TINY_VISION["image_size"], seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def bert_processor(num_query_tokens: int):
+    """The retrieval model's processor: BLIP's image processor and a tiny BERT WordPiece tokenizer
+    (ids below the Q-Former's 99), `<image>` added by Blip2Processor."""
+    import transformers
+    from tokenizers import BertWordPieceTokenizer
+
+    wp = BertWordPieceTokenizer(lowercase=True)
+    wp.train_from_iterator([" ".join(WORDS)] * 4, vocab_size=90, min_frequency=1,
+                           special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tok = transformers.BertTokenizerFast(tokenizer_object=wp._tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                         cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    size = TINY_VISION["image_size"]
+    image = transformers.BlipImageProcessorPil(size={"height": size, "width": size})
+    return transformers.Blip2Processor(image, tok, num_query_tokens=num_query_tokens)

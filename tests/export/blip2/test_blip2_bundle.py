@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from blip2_oracle import WORDS, hf_config, make_checkpoint
+from blip2_oracle import bert_processor, hf_config, make_checkpoint
 from blip_export.bundle import FP32_TOLERANCE
 from blip_export.calibration import calibration_feeds
 from blip_export.cli import main as export_main
@@ -30,24 +30,6 @@ OPT_EOS = 5  # a configured eos that is not the tokenizer's </s> (blip2-opt's is
 GENERATION = {"max_new_tokens": 7, "num_beams": 2, "length_penalty": 0.5}
 
 
-def _bert_processor(num_query_tokens):
-    """The retrieval model's processor: BLIP's image processor and a tiny BERT WordPiece tokenizer
-    (ids below the Q-Former's 99), `<image>` added by Blip2Processor."""
-    import transformers
-    from tokenizers import BertWordPieceTokenizer
-
-    from blip2_oracle import TINY_VISION
-
-    wp = BertWordPieceTokenizer(lowercase=True)
-    wp.train_from_iterator([" ".join(WORDS)] * 4, vocab_size=90, min_frequency=1,
-                           special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    tok = transformers.BertTokenizerFast(tokenizer_object=wp._tokenizer, unk_token="[UNK]", pad_token="[PAD]",
-                                         cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
-    size = TINY_VISION["image_size"]
-    image = transformers.BlipImageProcessorPil(size={"height": size, "width": size})
-    return transformers.Blip2Processor(image, tok, num_query_tokens=num_query_tokens)
-
-
 def _checkpoint(kind: str, folder):
     """Save a tiny checkpoint of `kind` to `folder`; returns the transformers model."""
     if kind in ("opt", "opt-legacy"):
@@ -61,7 +43,7 @@ def _checkpoint(kind: str, folder):
                                std=0.1, untie_head=True)
     if kind == "model":
         return make_checkpoint("Blip2Model", folder, hf_config("opt", True), seed=2)
-    proc = _bert_processor(4)
+    proc = bert_processor(4)
     config = hf_config("opt", False, text_input=True)
     config.image_token_index = proc.tokenizer.convert_tokens_to_ids("<image>")
     model = make_checkpoint("Blip2ForImageTextRetrieval", folder, config, seed=3, with_processor=False)

@@ -15,7 +15,7 @@ import onnx
 import pytest
 
 import fake_trt
-from blip2_oracle import hf_config, make_checkpoint
+from blip2_oracle import bert_processor, hf_config, make_checkpoint
 from blip_export import files
 from blip_export.bundle import export_bundle
 from blip_export.families.blip2.export import random_feeds, verify_sizes
@@ -39,28 +39,10 @@ LIMITS = [Limits(), Limits(max_batch=4, max_text_len=20, max_new_tokens=10, num_
 BUILD_LIMITS = Limits(max_batch=4, max_text_len=32, max_new_tokens=12, num_beams=3)
 
 
-def _bert_processor(num_query_tokens: int):
-    """The retrieval model's processor: BLIP's image processor and a tiny BERT WordPiece tokenizer (ids
-    below the Q-Former's vocabulary), as test_blip2_bundle.py builds it."""
-    import transformers
-    from tokenizers import BertWordPieceTokenizer
-
-    from blip2_oracle import TINY_VISION, WORDS
-
-    wp = BertWordPieceTokenizer(lowercase=True)
-    wp.train_from_iterator([" ".join(WORDS)] * 4, vocab_size=90, min_frequency=1,
-                           special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    tok = transformers.BertTokenizerFast(tokenizer_object=wp._tokenizer, unk_token="[UNK]", pad_token="[PAD]",
-                                         cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
-    size = TINY_VISION["image_size"]
-    image = transformers.BlipImageProcessorPil(size={"height": size, "width": size})
-    return transformers.Blip2Processor(image, tok, num_query_tokens=num_query_tokens)
-
-
 def _checkpoint(folder, kind: str):
     arch, lm, settings = KINDS[kind]
     if kind == "itm":  # the Q-Former reads the texts: a BERT tokenizer beside the checkpoint
-        proc = _bert_processor(4)
+        proc = bert_processor(4)
         config = hf_config(lm, False, text_input=True)
         config.image_token_index = proc.tokenizer.convert_tokens_to_ids("<image>")
         make_checkpoint(arch, folder, config, with_processor=False, **settings)
