@@ -28,6 +28,7 @@ from .files import ExportError, check_output, graph_record, install, save_proto,
 from .loading import load_model
 from .modeling.common import ort_attention as ort_attention_export
 from .onnx_export import compare, export_graph, reference_outputs
+from .weight_use import last_uses, release
 
 FP32_TOLERANCE = 1e-4  # relative error of each graph against the reference module
 
@@ -94,7 +95,11 @@ def verify(wrapper, spec: GraphSpec, feeds_list: list[dict], path: Path) -> dict
     """ONNX Runtime against the reference wrapper at several dynamic sizes: the worst errors."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # no arena and no prepacked copies: a checked graph's weights are held once, and freed after
+    opts = ort.SessionOptions()
+    opts.enable_cpu_mem_arena = False
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in spec.outputs]
     worst = {"max_abs": 0.0, "rel": 0.0}
     for feeds in feeds_list:
@@ -147,9 +152,14 @@ def export_bundle(
             say(note)
         report = ExportReport(bundle=dest, tasks=chosen, notes=parts.notes)
         entries = {}
+        wrappers = {name: fam.wrapper(model, spec, chosen) for name, spec in graphs.items()}
+        # which weights each graph reads, so that each is freed after its last graph (weight_use)
+        freeing = last_uses(model, {
+            name: (lambda w=wrappers[name], s=spec: reference_outputs(w, s, fam.feeds(s, dims, fam.verify_sizes(s, dims)[0])))
+            for name, spec in graphs.items()})
         for name, spec in graphs.items():
             path = tmp / f"{name}.onnx"
-            wrapper = fam.wrapper(model, spec, chosen)
+            wrapper = wrappers[name]
             say(f"exporting {name}")
             with ort_attention_export() if ort_attention else nullcontext():
                 export_graph(wrapper, spec, fam.feeds(spec, dims, fam.trace_sizes(spec, dims)), path)
@@ -165,6 +175,9 @@ def export_bundle(
                     f"(max abs {err['max_abs']:.2e}), above {FP32_TOLERANCE:.0e}"
                 )
             entries[name] = {**graph_record(path), "io": spec.to_dict(), "verification": err}
+            freed = release(model, freeing[name])
+            if freed >= 1 << 28:
+                say(f"freed {freed / 2**30:.1f} GiB of weights no later graph reads")
         manifest = {
             "format_version": FORMAT_VERSION,
             "family": fam.name,
