@@ -21,6 +21,7 @@ from .generated import Generated
 from .image import ImageSettings, preprocess
 from .manifest import BundleError, Manifest, load_manifest
 from .options import GenerationOptions, _is_bool, _is_int
+from .openvino_session import BACKENDS, ONNXRUNTIME, open_session
 from .session import OrtSession, Session
 from .text import TextTokenizer, check_text
 
@@ -104,21 +105,32 @@ class BlipRuntime:
 
     @classmethod
     def load(cls, bundle_dir: str | Path, providers: list | None = None, threads: int | None = None,
-             verify: bool | str = True) -> "BlipRuntime":
+             verify: bool | str = True, backend: str = "onnxruntime") -> "BlipRuntime":
         """`providers`: ONNX Runtime execution providers (CPU by default); a TensorRT engine
-        bundle (target "trt") runs on TensorRT directly and takes none. `verify`: check each file
+        bundle (target "trt") runs on TensorRT directly and takes none. `backend` (ONNX bundles):
+        "onnxruntime", "openvino" (every graph on OpenVINO's CPU plugin) or "auto" (OpenVINO for an
+        fp32 bundle's graphs outside the decoding loop where openvino is installed, ONNX Runtime for
+        the rest; openvino_session.auto_routes); the session's `backends` says which runs each
+        graph. `verify`: check each file
         against the manifest's SHA-256 first (Manifest.verify_files): True or "stamp" hashes only the
         files whose stamp (size, times, inode) moved since their last check, "full" hashes every file
         (2.5-3.7 s per GiB here; catches a change no stamp shows, such as a bad disk), False none."""
         if verify is not False and verify is not True and verify not in ("full", "stamp"):
             raise ValueError(f"verify: expected 'full', 'stamp' or False, got {verify!r}")
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}: expected one of {', '.join(map(repr, BACKENDS))}")
         manifest = load_manifest(bundle_dir)
         if verify is not False:
             manifest.verify_files("stamp" if verify is True else verify)
         if manifest.data.get("target", "onnx") == "trt":
+            if backend != ONNXRUNTIME:
+                raise BundleError(f"{manifest.folder}: a TensorRT engine bundle runs on TensorRT only, not backend "
+                                  f"{backend!r}; load it without backend=, or load its ONNX bundle")
             from .trt_session import TrtSession
 
             return cls(manifest, TrtSession(manifest))
+        if backend != ONNXRUNTIME:
+            return cls(manifest, open_session(manifest, backend, providers, threads))
         return cls(manifest, OrtSession(manifest, providers, threads))
 
     @property

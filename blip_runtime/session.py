@@ -42,13 +42,15 @@ class OrtSession:
     it, which a library cannot impose on its host."""
 
     def __init__(self, manifest: Manifest, providers: list | None = None, threads: int | None = None,
-                 memory: dict | None = None, rows_per_run: int | None = ROWS_PER_RUN, trim: bool = True):
+                 memory: dict | None = None, rows_per_run: int | None = ROWS_PER_RUN, trim: bool = True,
+                 graphs: Sequence[str] | None = None):
         """`memory`: ONNX Runtime memory options (MEMORY_OPTIONS' keys) that replace the defaults;
         benchmarks/memory.py measures each of them. `rows_per_run`: on the CPU, a graph outside the
         decoding loop whose inputs and outputs all lead with the batch axis runs at most this many rows
         at a time, into outputs allocated once for the whole batch (see ROWS_PER_RUN); None: whole
         batches. `trim`: give the C heap's free pages back to the system after the sessions are made
-        and after each run of a graph outside the decoding loop (release_free_memory)."""
+        and after each run of a graph outside the decoding loop (release_free_memory). `graphs`: the
+        graphs to open (default: all), when another backend runs the rest (openvino_session)."""
         import onnxruntime as ort  # optional heavy import, only when a session is made
 
         available = ort.get_available_providers()
@@ -74,13 +76,17 @@ class OrtSession:
         if rows_per_run is not None and (not isinstance(rows_per_run, int) or isinstance(rows_per_run, bool)
                                          or rows_per_run < 1):
             raise ValueError(f"rows_per_run={rows_per_run!r}: expected an int >= 1 or None")
+        names = list(manifest.graphs) if graphs is None else list(graphs)
+        unknown = [g for g in names if g not in manifest.graphs]
+        if unknown:
+            raise ValueError(f"graphs={unknown}: not in this bundle (it has {sorted(manifest.graphs)})")
         self.manifest, self.trim = manifest, trim
         # Device providers hold activations in device memory, where whole batches run fastest.
         self.chunked = {name: rows_per_run for name, spec in manifest.graphs.items()
                         if rows_per_run and wanted == ["CPUExecutionProvider"] and _row_wise(spec)}
         self.sessions = {
             name: ort.InferenceSession(str(manifest.graph_path(name)), options(name), providers=providers)
-            for name in manifest.graphs
+            for name in names
         }
         for name, session in self.sessions.items():
             _check_io(manifest, name, session)
@@ -91,6 +97,8 @@ class OrtSession:
         spec = self.manifest.graphs.get(graph)
         if spec is None:
             raise BundleError(f"graph {graph!r} is not in this bundle (it has {sorted(self.manifest.graphs)})")
+        if graph not in self.sessions:
+            raise BundleError(f"graph {graph!r} is not run by this ONNX Runtime session (it runs {sorted(self.sessions)})")
         spec.check_feeds(feeds)
         names = [t.name for t in spec.outputs]
         rows = self.chunked.get(graph)
