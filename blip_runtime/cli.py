@@ -8,16 +8,17 @@ from an engine bundle written by `blip-export`.
     blip-run BUNDLE embed [--image IMAGE]... [--text T]...
 
 Global flags (before or after the task): --json, --threads N, --providers cpu|cuda|trt,
---batch-size N; and --version. Human output is one `path: result` line per image (per sequence
-with --num-return-sequences), then the time taken; --json prints one object: the bundle, task,
-generation options given, `results` (a list of objects with the inputs and the results: "caption"
-or "answer", or with --num-return-sequences N > 1 "captions" / "answers", a list of N, best
-first), `seconds` (inference) and `load_seconds`.
+--backend onnxruntime|openvino|auto, --batch-size N; and --version. Human output is one
+`path: result` line per image (per sequence with --num-return-sequences), then the time taken;
+--json prints one object: the bundle, task, generation options given, `results` (a list of
+objects with the inputs and the results: "caption" or "answer", or with --num-return-sequences
+N > 1 "captions" / "answers", a list of N, best first), `seconds` (inference) and `load_seconds`.
 
 Exit codes: 0 done; 1 a bad bundle, image or input (one line `blip-run: <reason>` on stderr);
 2 bad command line. With --json a failure also prints one object on stdout:
-{"error": "<reason>", "exit_code": 1 or 2}. Only numpy, pillow, tokenizers and onnxruntime are
-used, imported after the command line is parsed so that `--help` answers at once.
+{"error": "<reason>", "exit_code": 1 or 2}. Only numpy, pillow, tokenizers and onnxruntime (and
+openvino for --backend openvino / auto) are used, imported after the command line is parsed so
+that `--help` answers at once.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ PROVIDERS = {
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "trt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
+BACKENDS = ("onnxruntime", "openvino", "auto")  # BlipRuntime.load(backend=...), imported lazily there
 TASK_OF = {"caption": "caption", "vqa": "vqa", "itm": "itm", "embed": "itc"}  # command -> bundle task
 SAMPLING = ("temperature", "top_k", "top_p", "seed")  # only mean something with --sample
 
@@ -94,6 +96,9 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=POSITIVE, default=d(None), metavar="N", help="ONNX Runtime intra-op threads")
         p.add_argument("--providers", choices=sorted(PROVIDERS), default=d("cpu"),
                        help="execution provider, with CPU fallback (default: cpu)")
+        p.add_argument("--backend", choices=BACKENDS, default=d("onnxruntime"),
+                       help="onnxruntime (default); openvino: every graph on OpenVINO's CPU plugin; auto: "
+                            "OpenVINO for an fp32 bundle's image graphs, ONNX Runtime for the decoding loop")
         p.add_argument("--batch-size", type=POSITIVE, default=d(None), metavar="N",
                        help="images per run (default: the bundle's max batch); results do not depend on it")
 
@@ -321,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
 
         start = time.perf_counter()
         try:
-            rt = BlipRuntime.load(bundle, providers=PROVIDERS[args.providers], threads=args.threads)
+            # --providers cpu is the default: only a device provider conflicts with OpenVINO
+            providers = None if args.backend == "openvino" and args.providers == "cpu" else PROVIDERS[args.providers]
+            rt = BlipRuntime.load(bundle, providers=providers, threads=args.threads, backend=args.backend)
         except ImportError as e:
             raise InputError(f"{e}; install onnxruntime (or onnxruntime-gpu for --providers cuda/trt)") from None
         except ValueError:  # BundleError: its message already says what is wrong
