@@ -108,57 +108,38 @@ class BundleContender:
         return rt.image_features(images)
 
 
-class OvSession:
-    """OpenVINO over a bundle's ONNX graphs (ov.Core().read_model on each .onnx file), behind the
-    runtime's Session interface: the same graphs and feeds as ONNX Runtime, another engine. CPU,
-    THREADS threads, the latency hint (one request at a time, as the other contenders run).
-    precision_hint: OpenVINO's INFERENCE_PRECISION_HINT; None leaves the CPU plugin's default, which is
-    bf16 on a CPU with AVX512_BF16 or AMX (this one has AVX512_BF16), so an fp32 graph asks for "f32"."""
-
-    def __init__(self, manifest, threads: int = THREADS, precision_hint: str | None = None):
-        import openvino as ov
-
-        core = ov.Core()
-        config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-        if precision_hint:
-            config["INFERENCE_PRECISION_HINT"] = precision_hint
-        self.manifest = manifest
-        self.compiled = {name: core.compile_model(core.read_model(str(manifest.graph_path(name))), "CPU", config)
-                         for name in manifest.graphs}
-        self.requests = {name: c.create_infer_request() for name, c in self.compiled.items()}
-        self.compute = next(iter(self.compiled.values())).get_property("INFERENCE_PRECISION_HINT").get_type_name()
-
-    def run(self, graph: str, feeds: dict, keep=()) -> dict:
-        self.manifest.graphs[graph].check_feeds(feeds)
-        request = self.requests[graph]
-        request.infer(feeds)
-        # copies: the request's output buffers are reused by its next run, and the loop keeps the past
-        return {o.get_any_name(): request.get_tensor(o).data.copy() for o in self.compiled[graph].outputs}
-
-
 class OvContender(BundleContender):
-    """OpenVINO running the same bundle kind's graphs (ov-fp32, ov-int8: the int8 a user gets from
-    `blip-export --precision int8` on a CPU, ONNX Runtime's CPU form)."""
+    """BlipRuntime.load(bundle, backend=...) on a bundle kind's graphs: "openvino" runs every graph on
+    OpenVINO's CPU plugin (ov-fp32, ov-int8: the int8 a user gets from `blip-export --precision int8`
+    on a CPU, ONNX Runtime's CPU form), "auto" the once-per-request graphs on OpenVINO and the decoding
+    loop on ONNX Runtime (auto-fp32). The runtime's OvSession computes in f32 (its precision hint;
+    the plugin's default is bf16 on this CPU); each row records which backend ran each graph."""
+
+    def __init__(self, kind: str, backend: str = "openvino"):
+        super().__init__(kind)
+        self.backend = backend
 
     def unavailable(self, scale: str, model: str) -> str | None:
         if not importlib.util.find_spec("openvino"):
-            return "openvino is not installed (pip install openvino)"
+            return "openvino is not installed (pip install 'blip-trt[openvino]')"
         return super().unavailable(scale, model)
 
     def load(self, scale: str, model: str) -> dict:
         import openvino
 
         from blip_runtime import BlipRuntime
-        from blip_runtime.manifest import load_manifest
+        from blip_runtime.openvino_session import OvSession
 
-        manifest = load_manifest(models.bundle(scale, model, self.kind))
-        manifest.verify_files()
-        # fp32 computes in f32 (the plugin's default here is bf16); int8 graphs at the plugin's default
-        session = OvSession(manifest, precision_hint="f32" if self.kind == "fp32" else None)
-        self.rt = BlipRuntime(manifest, session)
+        self.rt = BlipRuntime.load(models.bundle(scale, model, self.kind), threads=THREADS, backend=self.backend)
+        session = self.rt.session
+        ov = session if isinstance(session, OvSession) else session.sessions.get("openvino")
+        # the precision OpenVINO computes in, as its compiled models report it
+        compute = next(iter(ov.compiled.values())).get_property("INFERENCE_PRECISION_HINT").get_type_name() if ov else None
+        backends = session.backends
         self._wrap()
-        return {"openvino": openvino.__version__, "threads": THREADS, "session": "OvSession", "kind": self.kind,
-                "form": f"{manifest.data.get('precision', 'fp32')}, computing in {session.compute}"}
+        return {"openvino": openvino.__version__, "threads": THREADS, "session": f"backend {self.backend}",
+                "kind": self.kind, "backends": backends,
+                "form": f"{self.rt.manifest.data.get('precision', 'fp32')}, OpenVINO computing in {compute}"}
 
 
 class TransformersContender:
@@ -237,6 +218,8 @@ CONTENDERS = {
     "trt-int8": lambda: BundleContender("trt-int8"),
     "ov-fp32": lambda: OvContender("fp32"),  # OpenVINO on the fp32 bundle's graphs
     "ov-int8": lambda: OvContender("int8-cpu"),  # OpenVINO on the int8 graphs `--precision int8` writes for a CPU
+    # the fp32 bundle with backend="auto": OpenVINO for the image graphs, ONNX Runtime for the decoding loop
+    "auto-fp32": lambda: OvContender("fp32", backend="auto"),
     # OpenVINO's own path: transformers' modules converted by openvino.convert_model, NNCF int8 / int4
     "ov-native-fp32": lambda: _ov_native("fp32"),
     "ov-native-bf16": lambda: _ov_native("bf16"),
