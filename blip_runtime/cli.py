@@ -93,7 +93,7 @@ def parser() -> argparse.ArgumentParser:
     def add_global(p: argparse.ArgumentParser, suppress: bool) -> None:
         d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
         p.add_argument("--json", action="store_true", default=d(False), help="machine output: one JSON object")
-        p.add_argument("--threads", type=POSITIVE, default=d(None), metavar="N", help="ONNX Runtime intra-op threads")
+        p.add_argument("--threads", type=POSITIVE, default=d(None), metavar="N", help="intra-op threads (ONNX Runtime's, OpenVINO's)")
         p.add_argument("--providers", choices=sorted(PROVIDERS), default=d("cpu"),
                        help="execution provider, with CPU fallback (default: cpu)")
         p.add_argument("--backend", choices=BACKENDS, default=d("onnxruntime"),

@@ -76,13 +76,10 @@ class OvSession:
     Session protocol: feeds checked against the I/O table, outputs by name in the table's order,
     as numpy arrays of the table's dtypes that the caller owns.
 
-    One Core compiles every graph, so they share OpenVINO's thread pool: a graph that finishes
-    leaves no spinning threads behind for the next one (which ONNX Runtime's per-session pools do,
-    see OrtSession). Each graph has one infer request, reused run after run; its output buffers
-    are reused too, so every output is copied out (the decoding loop keeps the past of the last
-    step while the next one runs)."""
-
-    backend = OPENVINO
+    Each graph has one infer request, reused run after run; its output buffers are reused too, so
+    every output is copied out (the decoding loop keeps the past of the last step while the next
+    one runs). Batches run whole: the row-by-row runs of OrtSession are ONNX Runtime's memory
+    measure (session.ROWS_PER_RUN)."""
 
     def __init__(self, manifest: Manifest, threads: int | None = None, graphs: Sequence[str] | None = None):
         ov = import_openvino()

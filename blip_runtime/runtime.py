@@ -110,11 +110,11 @@ class BlipRuntime:
         bundle (target "trt") runs on TensorRT directly and takes none. `backend` (ONNX bundles):
         "onnxruntime", "openvino" (every graph on OpenVINO's CPU plugin) or "auto" (OpenVINO for an
         fp32 bundle's graphs outside the decoding loop where openvino is installed, ONNX Runtime for
-        the rest; openvino_session.auto_routes); the session's `backends` says which runs each
-        graph. `verify`: check each file
-        against the manifest's SHA-256 first (Manifest.verify_files): True or "stamp" hashes only the
-        files whose stamp (size, times, inode) moved since their last check, "full" hashes every file
-        (2.5-3.7 s per GiB here; catches a change no stamp shows, such as a bad disk), False none."""
+        the rest; openvino_session.auto_routes); their sessions' `backends` say which runs each
+        graph. `verify`: check each file against the manifest's SHA-256 first (Manifest.verify_files):
+        True or "stamp" hashes only the files whose stamp (size, times, inode) moved since their last
+        check, "full" hashes every file (2.5-3.7 s per GiB here; catches a change no stamp shows, such
+        as a bad disk), False none."""
         if verify is not False and verify is not True and verify not in ("full", "stamp"):
             raise ValueError(f"verify: expected 'full', 'stamp' or False, got {verify!r}")
         if not isinstance(backend, str) or backend not in BACKENDS:

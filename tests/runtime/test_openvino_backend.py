@@ -219,6 +219,12 @@ def test_errors(bundles, tmp_path, runtime):
         with pytest.raises(BundleError) as e:
             BlipRuntime.load(engine, backend=backend, verify=False)
         _one_line(e, "TensorRT engine bundle", repr(backend))
+    broken = tmp_path / "broken-bundle"  # a graph file OpenVINO cannot parse: one line naming it
+    shutil.copytree(bundle, broken)
+    (broken / "vision.onnx").write_bytes((bundle / "vision.onnx").read_bytes()[:3000])
+    with pytest.raises(BundleError) as e:
+        BlipRuntime.load(broken, backend="openvino", verify=False)
+    _one_line(e, str(broken / "vision.onnx"), "OpenVINO cannot compile graph 'vision'")
     session = runtime("caption", "openvino").session
     with pytest.raises(BundleError) as e:
         session.run("decoder", {})
