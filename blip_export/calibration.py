@@ -72,13 +72,14 @@ def exercise(runtime: BlipRuntime, images: list, texts: Sequence[str] | None = N
     return family(runtime.manifest.data["family"]).exercise(runtime, images, texts, batch_size, tasks, **generation)
 
 
-def compare_runtimes(reference: BlipRuntime, ours: BlipRuntime, images: list, texts: Sequence[str] | None = None,
+def compare_runtimes(reference: BlipRuntime | dict, ours: BlipRuntime, images: list, texts: Sequence[str] | None = None,
                      batch_size: int = 2, **generation) -> dict:
     """End-to-end agreement of `ours` with `reference` on held-out images: for generated text the
     fraction of identical token sequences (greedy), for ITM the max abs difference of the match
     probability, for ITC the max abs difference of the cosine similarities and the fraction of images
-    whose best text is the same."""
-    ref = exercise(reference, list(images), texts, batch_size, **generation)
+    whose best text is the same. `reference`: a runtime, or its `exercise` results on the same images
+    (so that a multi-GB reference need not stay loaded beside `ours`)."""
+    ref = reference if isinstance(reference, dict) else exercise(reference, list(images), texts, batch_size, **generation)
     got = exercise(ours, list(images), texts, batch_size, **generation)
     result: dict = {"images": len(images)}
     for key, want in ref.items():  # the workload's results, by kind
