@@ -1,9 +1,10 @@
 """BlipRuntime.load(backend="openvino" | "auto") against ONNX Runtime and transformers, on tiny
 re-randomized BLIP (caption, VQA, retrieval) and BLIP-2 (OPT, Flan-T5) bundles: every
 graph's outputs equal OrtSession's within a printed tolerance (names, order, dtypes, fresh arrays);
-generated tokens equal transformers' (BLIP caption greedy and beams, with and without a prompt, VQA;
-BLIP-2 OPT and T5 captions); ITM / ITC scores close; auto's routing; blip-run --backend; and the
-errors: a bad backend name, an engine bundle, providers with OpenVINO, OpenVINO missing."""
+generated tokens equal transformers' (BLIP captions greedy without a prompt and 3 beams with
+prompts, VQA greedy and 3 beams, batches of 2; BLIP-2 OPT and T5 captions, greedy and 3 beams);
+ITM / ITC scores close; auto's routing; blip-run --backend; and the errors: a bad backend name, an
+engine bundle, providers with OpenVINO, a graph file OpenVINO cannot parse, OpenVINO missing."""
 
 from __future__ import annotations
 
