@@ -37,19 +37,41 @@ def texts_for(start: int, n: int, texts: Sequence | None, kind: str) -> list[str
     return [pool[i % len(pool)] for i in range(start, start + n)]
 
 
+# Recorded bytes per graph before its recording is thinned (RecordingSession). A decoder step whose
+# past grows every step (OPT, BLIP-2's LM) feeds new past arrays each call: at opt-1.3b's dimensions
+# a 2-row step feed is ~90 MB, and every step of a few held-out requests took the recording of a
+# real-size BLIP-2 past 2 GB on top of its 14 GB fp32 runtime.
+FEED_BUDGET = 1 << 30
+
+
 class RecordingSession:
-    """A runtime Session that records every call's feeds per graph, then runs it on `inner`.
+    """A runtime Session that records the feeds of every call per graph, then runs it on `inner`.
 
     Arrays are kept by reference: the runtime builds new arrays for every call and never writes
     into them, and the decoder's cross K/V (the largest inputs) are shared by all of a request's
-    steps, so recording a decoding loop costs little memory."""
+    steps, so recording a decoding loop costs little memory. A graph whose recorded arrays pass
+    `budget` bytes keeps every other recorded call, and from then on records every second (fourth,
+    ...) call: the whole decoding stays covered, evenly, in bounded memory. Below the budget every
+    call is recorded."""
 
-    def __init__(self, inner):
-        self.inner = inner
+    def __init__(self, inner, budget: int = FEED_BUDGET):
+        self.inner, self.budget = inner, budget
         self.feeds: dict[str, list[dict[str, np.ndarray]]] = {}
+        self._calls: dict[str, int] = {}
+        self._stride: dict[str, int] = {}
+        self._sizes: dict[str, dict[int, int]] = {}  # graph -> {id(array): bytes} of what it keeps
 
     def run(self, graph: str, feeds: dict[str, np.ndarray], keep: Sequence[str] = ()) -> dict[str, np.ndarray]:
-        self.feeds.setdefault(graph, []).append(dict(feeds))
+        n = self._calls[graph] = self._calls.get(graph, 0) + 1
+        stride = self._stride.setdefault(graph, 1)
+        if (n - 1) % stride == 0:
+            kept, sizes = self.feeds.setdefault(graph, []), self._sizes.setdefault(graph, {})
+            kept.append(dict(feeds))
+            sizes.update((id(a), a.nbytes) for a in feeds.values())  # an array shared by calls counts once
+            if sum(sizes.values()) > self.budget and len(kept) > 1:
+                kept[:] = kept[::2]  # the calls 0, 2s, 4s, ... of the stride s so far
+                self._sizes[graph] = {id(a): a.nbytes for f in kept for a in f.values()}
+                self._stride[graph] = 2 * stride
         return self.inner.run(graph, feeds)  # host arrays only: recordings must be numpy
 
 
