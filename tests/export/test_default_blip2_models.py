@@ -190,9 +190,8 @@ def test_bundle_itc_and_itm_equal_transformers(loaded, bundles):
     assert_close(torch.from_numpy(rt.match(paths, pair_texts)), p_theirs, REL, "bundle ITM p(match)")
 
 
-# VQA accuracy bars on the subset. The target is 95 % for both; the shipped T5 misses it (90.5 % on the
-# full test split, its yes/no answers 87.8 %: models README), so its bar is what it reaches, not the target.
-VQA_BAR = {"easyvqa-blip2-opt": 95.0, "easyvqa-blip2-t5": 88.0}
+# VQA accuracy bar on the subset: the models README's target, for both language models.
+VQA_BAR = {"easyvqa-blip2-opt": 95.0, "easyvqa-blip2-t5": 95.0}
 
 
 def test_bundles_meet_the_targets_on_a_test_split_subset(bundles):
