@@ -154,8 +154,14 @@ def make(scale: str, model: str, kind: str) -> str | None:
     # int8 forms quantize every layer (blip-export --quantize-all): on re-randomized weights the
     # exclusion search keeps layers in fp32 that a trained model quantizes (on the easy-VQA default
     # model it keeps no layer group of any graph in fp32, see the README table), so the search would
-    # measure the weights' randomness instead of the speed of the int8 graph.
-    bound = None if kind.startswith("int8") else INT8_BOUND
+    # measure the weights' randomness instead of the speed of the int8 graph. int4 likewise (its
+    # search would keep random layer groups at 8 bits; at BLIP-2's real size each search trial
+    # re-quantizes a 5.7 GB graph).
+    bound = None if kind.startswith(("int8", "int4")) else INT8_BOUND
+    # held-out images: they only feed the bundle's accuracy report here; BLIP-2 at real size takes 2
+    # (each held-out request records a 14 GB fp32 runtime's every graph feed and runs both bundles)
+    held = images(2 if model in BLIP2 else len(CALIB_TEXTS), seed=100)
+    texts = CALIB_TEXTS[: len(held)]
     from blip_export.bundle import export_bundle
     from blip_export.config import read_config
     from blip_export.families import family
@@ -168,7 +174,7 @@ def make(scale: str, model: str, kind: str) -> str | None:
         if resolve_precision(kind) in ORT_ONLY and family(read_config(ckpt).family).ort_attention_forms:
             source = Path(tmp) / "fp32-ort"
             export_bundle(ckpt, source, ort_attention=True)
-        convert_bundle(source, dst, kind, images(len(CALIB_TEXTS), seed=100), CALIB_TEXTS, bound=bound)
+        convert_bundle(source, dst, kind, held, texts, bound=bound)
     return None
 
 
