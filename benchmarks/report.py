@@ -286,7 +286,10 @@ def markdown(results: dict) -> str:
             "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
             f"- Load average (1 min) before / after: {results['load']['loadavg']['before'][0]:.2f} / "
             f"{results['load']['loadavg']['after'][0]:.2f}; other processes sampled every 5 s during the run: "
-            f"{'none above 20% of a core' if not busy else f'{len(busy)} busy (see the warning above)'}.",
+            f"{'none above 20% of a core' if not busy else f'{len(busy)} busy (see the warning above)'}"
+            + "".join(f"; kernel thread {k['cmd']} up to {k['cpu_percent']:.0f}% of a core (the kernel's work for "
+                      "this run, e.g. page reclaim while multi-GB files load)" for k in results["load"].get("kernel", []))
+            + ".",
             "", "## End to end", "",
             f"Median and p90 of the timed runs (after {results['warmup']} warm-up run per case; "
             + ", ".join(f"{c['name']} {c['repeats']}" for c in results["cases"])
