@@ -15,7 +15,7 @@ import numpy as np
 
 from .graphs import ROLE_LOOP
 from .manifest import BundleError, Manifest
-from .session import OrtSession, Session, _check_io
+from .session import OrtSession, Session, _check_io, opened_spec
 
 ONNXRUNTIME, OPENVINO, AUTO = "onnxruntime", "openvino", "auto"
 BACKENDS = (ONNXRUNTIME, OPENVINO, AUTO)  # BlipRuntime.load(backend=...)
@@ -115,11 +115,7 @@ class OvSession:
     def run(self, graph: str, feeds: dict[str, np.ndarray], keep: Sequence[str] = ()) -> dict[str, np.ndarray]:
         """feeds: {input name: array} as the I/O table declares them; `keep` is ignored (host
         memory). Returns {output name: array} in the table's order, each a fresh array."""
-        spec = self.manifest.graphs.get(graph)
-        if spec is None:
-            raise BundleError(f"graph {graph!r} is not in this bundle (it has {sorted(self.manifest.graphs)})")
-        if graph not in self.requests:
-            raise BundleError(f"graph {graph!r} is not run by this OpenVINO session (it runs {sorted(self.requests)})")
+        spec = opened_spec(self.manifest, graph, self.requests, "OpenVINO")
         spec.check_feeds(feeds)
         # share_inputs: OpenVINO reads the caller's arrays in place for the synchronous call;
         # share_outputs=False: the results are copies, not views of the request's reused buffers.

@@ -94,11 +94,7 @@ class OrtSession:
             release_free_memory()
 
     def run(self, graph: str, feeds: dict[str, np.ndarray], keep: Sequence[str] = ()) -> dict[str, np.ndarray]:
-        spec = self.manifest.graphs.get(graph)
-        if spec is None:
-            raise BundleError(f"graph {graph!r} is not in this bundle (it has {sorted(self.manifest.graphs)})")
-        if graph not in self.sessions:
-            raise BundleError(f"graph {graph!r} is not run by this ONNX Runtime session (it runs {sorted(self.sessions)})")
+        spec = opened_spec(self.manifest, graph, self.sessions, "ONNX Runtime")
         spec.check_feeds(feeds)
         names = [t.name for t in spec.outputs]
         rows = self.chunked.get(graph)
@@ -167,6 +163,17 @@ def _row_wise(spec) -> bool:
     activations are small anyway."""
     return (not spec.has(ROLE_LOOP) and all(t.high is None for t in spec.inputs)
             and all(t.shape[:1] == (BATCH,) for t in (*spec.inputs, *spec.outputs)))
+
+
+def opened_spec(manifest: Manifest, graph: str, opened, engine: str):
+    """The I/O table entry of `graph`, which a session of `engine` over the graphs `opened` is asked
+    to run: BundleError for a graph not in the bundle, or one this session did not open."""
+    spec = manifest.graphs.get(graph)
+    if spec is None:
+        raise BundleError(f"graph {graph!r} is not in this bundle (it has {sorted(manifest.graphs)})")
+    if graph not in opened:
+        raise BundleError(f"graph {graph!r} is not run by this {engine} session (it runs {sorted(opened)})")
+    return spec
 
 
 def release_free_memory() -> None:
