@@ -120,6 +120,17 @@ def pixels(batch: int = 2, size: int = TINY_VISION["image_size"], seed: int = 0)
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+def generation_checkpoint(lm: str, folder, image_tokens: bool = True):
+    """The tiny Blip2ForConditionalGeneration the generation tests share, saved at `folder`; returns
+    the transformers model. Both heads untied: tied to its spread-out embeddings, a tiny LM repeats
+    its input."""
+    if lm == "opt":
+        config = hf_config("opt", image_tokens, text_overrides={"tie_word_embeddings": False})
+        return make_checkpoint("Blip2ForConditionalGeneration", folder, config, seed=7, std=0.1)
+    return make_checkpoint("Blip2ForConditionalGeneration", folder, hf_config("t5", image_tokens), seed=8, std=0.1,
+                           untie_head=True)
+
+
 def bert_processor(num_query_tokens: int):
     """The retrieval model's processor: BLIP's image processor and a tiny BERT WordPiece tokenizer
     (ids below the Q-Former's 99), `<image>` added by Blip2Processor."""

@@ -22,8 +22,7 @@ pytest.importorskip("openvino")
 torch = pytest.importorskip("torch")
 
 sys.path.insert(0, str(Path(__file__).parent / "blip2"))  # test_blip2_runtime's helpers
-from blip2_oracle import hf_config as blip2_config  # noqa: E402
-from blip2_oracle import make_checkpoint as blip2_checkpoint  # noqa: E402
+from blip2_oracle import generation_checkpoint  # noqa: E402
 from oracle import assert_close, errors  # noqa: E402
 from test_blip2_runtime import _export, _images, _theirs  # noqa: E402
 from test_e2e import PROMPTS, QUESTIONS, Pair, check_rows, hf_answer, hf_caption, images  # noqa: E402
@@ -50,12 +49,7 @@ def bundles(tmp_path_factory):
         out[name] = SimpleNamespace(pair=Pair(arch, folder, **kw), bundle=folder / "bundle")
     for lm in ("opt", "t5"):  # the `<image>`-token convention, as test_blip2_runtime's gen fixture builds them
         folder = tmp_path_factory.mktemp(lm)
-        if lm == "opt":
-            config = blip2_config("opt", True, text_overrides={"tie_word_embeddings": False})
-            theirs = blip2_checkpoint("Blip2ForConditionalGeneration", folder / "ckpt", config, seed=7, std=0.1)
-        else:
-            theirs = blip2_checkpoint("Blip2ForConditionalGeneration", folder / "ckpt", blip2_config("t5", True),
-                                      seed=8, std=0.1, untie_head=True)
+        theirs = generation_checkpoint(lm, folder / "ckpt")
         _export(folder / "ckpt", folder / "bundle")
         import transformers
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from blip2_oracle import hf_config, make_checkpoint
+from blip2_oracle import bert_processor, generation_checkpoint, hf_config, make_checkpoint
 from blip_export.bundle import export_bundle
 from blip_export.precision import convert_bundle
 
@@ -24,30 +24,14 @@ def images(n: int, seed: int, size: int = 40) -> list[np.ndarray]:
 
 def checkpoint(kind: str, folder: Path):
     """A tiny checkpoint of `kind` at `folder`; returns the transformers model."""
-    if kind == "opt":
-        config = hf_config("opt", True, text_overrides={"tie_word_embeddings": False})
-        return make_checkpoint("Blip2ForConditionalGeneration", folder, config, seed=7, std=0.1)
-    if kind == "t5":
-        return make_checkpoint("Blip2ForConditionalGeneration", folder, hf_config("t5", True), seed=8, std=0.1,
-                               untie_head=True)
+    if kind in ("opt", "t5"):
+        return generation_checkpoint(kind, folder)
     if kind == "model":
         return make_checkpoint("Blip2Model", folder, hf_config("opt", True), seed=2, std=0.1)
     if kind == "model-t5":  # get_text_features through T5's encoder: text_states with T5's rules
         return make_checkpoint("Blip2Model", folder, hf_config("t5", True), seed=4, std=0.1, untie_head=True)
     if kind == "itm":
-        import transformers
-        from tokenizers import BertWordPieceTokenizer
-
-        from blip2_oracle import TINY_VISION, WORDS
-
-        wp = BertWordPieceTokenizer(lowercase=True)
-        wp.train_from_iterator([" ".join(WORDS)] * 4, vocab_size=90, min_frequency=1,
-                               special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-        tok = transformers.BertTokenizerFast(tokenizer_object=wp._tokenizer, unk_token="[UNK]", pad_token="[PAD]",
-                                             cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
-        size = TINY_VISION["image_size"]
-        proc = transformers.Blip2Processor(transformers.BlipImageProcessorPil(size={"height": size, "width": size}),
-                                           tok, num_query_tokens=4)
+        proc = bert_processor(4)
         config = hf_config("opt", False, text_input=True)
         config.image_token_index = proc.tokenizer.convert_tokens_to_ids("<image>")
         model = make_checkpoint("Blip2ForImageTextRetrieval", folder, config, seed=3, std=0.1, with_processor=False)

@@ -21,7 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
 
-from blip2_oracle import NUM_QUERIES, hf_config, make_checkpoint  # noqa: E402
+from blip2_oracle import NUM_QUERIES, generation_checkpoint, hf_config, make_checkpoint  # noqa: E402
 from blip_runtime import cli  # noqa: E402
 from blip_runtime.runtime import BlipRuntime  # noqa: E402
 from oracle import assert_close, blip_vocab  # noqa: E402
@@ -51,12 +51,7 @@ def _images(n: int, seed: int = 3) -> list[np.ndarray]:
 def gen(request, tmp_path_factory):
     lm, image_tokens = request.param
     folder = tmp_path_factory.mktemp(lm)
-    if lm == "opt":  # an untied head: tied to its spread-out embeddings, a tiny LM repeats its input
-        config = hf_config("opt", image_tokens, text_overrides={"tie_word_embeddings": False})
-        theirs = make_checkpoint("Blip2ForConditionalGeneration", folder / "ckpt", config, seed=7, std=0.1)
-    else:
-        theirs = make_checkpoint("Blip2ForConditionalGeneration", folder / "ckpt", hf_config("t5", image_tokens),
-                                 seed=8, std=0.1, untie_head=True)
+    theirs = generation_checkpoint(lm, folder / "ckpt", image_tokens)
     _export(folder / "ckpt", folder / "bundle")
     proc = transformers.Blip2Processor.from_pretrained(folder / "ckpt")
     return SimpleNamespace(lm=lm, legacy=not image_tokens, theirs=theirs, proc=proc, bundle=folder / "bundle",
