@@ -82,10 +82,17 @@ def calibration_feeds(bundle: str | Path | BlipRuntime, images: list, texts: Seq
     {"vision": [{"pixel_values": ...}, ...], "decoder_step": [one dict per decoding step], ...}.
     Every graph of the bundle that the tasks use gets feeds; generation options (max_new_tokens,
     ...) default to the bundle's and are passed through."""
+    return recorded_run(bundle, images, texts, tasks, batch_size, **generation)[0]
+
+
+def recorded_run(bundle: str | Path | BlipRuntime, images: list, texts: Sequence[str] | None = None,
+                 tasks: Sequence[str] | None = None, batch_size: int = 2, **generation) -> tuple[dict, dict]:
+    """(calibration_feeds' per-graph feeds, the workload's results as `exercise` returns them) from one
+    run: the recording session passes every call through, so the results are the bundle's own."""
     runtime = bundle if isinstance(bundle, BlipRuntime) else BlipRuntime.load(bundle)
     recorder = RecordingSession(runtime.session)
-    exercise(BlipRuntime(runtime.manifest, recorder), list(images), texts, batch_size, tasks, **generation)
-    return recorder.feeds
+    results = exercise(BlipRuntime(runtime.manifest, recorder), list(images), texts, batch_size, tasks, **generation)
+    return recorder.feeds, results
 
 
 def exercise(runtime: BlipRuntime, images: list, texts: Sequence[str] | None = None, batch_size: int = 2,

@@ -39,7 +39,7 @@ from blip_runtime.manifest import load_manifest
 from blip_runtime.session import release_free_memory
 
 from .files import ExportError, check_output, copy_file, graph_record, install, save_graph, sha256, staging
-from .calibration import calibration_feeds, compare_runtimes, exercise
+from .calibration import calibration_feeds, compare_runtimes, recorded_run
 from .families import family
 from .measure import check_typed, graph_errors, ort_session, run_all, set_metadata, tensor_types
 from .quantize import HOLDOUT_FRACTION, INT8_BOUND, to_int8, to_int8_cpu
@@ -297,14 +297,14 @@ def convert_bundle(
                           "a quarter is held out to measure the accuracy)")
     reference = BlipRuntime.load(src)
     say(f"recording fp32 feeds on {len(holdout_images)} held-out image(s)")
-    held = calibration_feeds(reference, holdout_images, holdout_texts)
+    # the fp32 runtime's end-to-end results come from the same run (compared at the end)
+    held, expected = recorded_run(reference, holdout_images, holdout_texts)
     calib = {}
     if precision == "int8-qdq":
         say(f"recording fp32 feeds on {len(calib_images)} calibration image(s)")
         calib = calibration_feeds(reference, calib_images, calib_texts)
-    # the fp32 runtime's end-to-end results now, and the runtime let go: a real-size BLIP-2 fp32
-    # bundle held in ONNX Runtime through the conversion put the int8 conversion at 18.5 GB resident
-    expected = exercise(reference, list(holdout_images), holdout_texts)
+    # the runtime let go: a real-size BLIP-2 fp32 bundle held in ONNX Runtime through the
+    # conversion put the int8 conversion at 18.5 GB resident
     del reference
     release_free_memory()
 
