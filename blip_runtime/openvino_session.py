@@ -15,7 +15,7 @@ import numpy as np
 
 from .graphs import ROLE_LOOP
 from .manifest import BundleError, Manifest
-from .session import OrtSession, Session, _check_io, opened_spec
+from .session import OrtSession, Session, _check_io, opened_spec, provider_names
 
 ONNXRUNTIME, OPENVINO, AUTO = "onnxruntime", "openvino", "auto"
 BACKENDS = (ONNXRUNTIME, OPENVINO, AUTO)  # BlipRuntime.load(backend=...)
@@ -157,7 +157,7 @@ def openvino_installed() -> bool:
 
 
 def _cpu_only(providers) -> bool:
-    return not providers or [p if isinstance(p, str) else p[0] for p in providers] == ["CPUExecutionProvider"]
+    return not providers or provider_names(providers) == ["CPUExecutionProvider"]
 
 
 def auto_routes(manifest: Manifest, providers: list | None = None) -> dict[str, str]:

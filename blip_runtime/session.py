@@ -55,7 +55,7 @@ class OrtSession:
 
         available = ort.get_available_providers()
         providers = providers or ["CPUExecutionProvider"]
-        wanted = [p if isinstance(p, str) else p[0] for p in providers]
+        wanted = provider_names(providers)
         missing = [p for p in wanted if p not in available]
         if missing:
             raise BundleError(
@@ -163,6 +163,11 @@ def _row_wise(spec) -> bool:
     activations are small anyway."""
     return (not spec.has(ROLE_LOOP) and all(t.high is None for t in spec.inputs)
             and all(t.shape[:1] == (BATCH,) for t in (*spec.inputs, *spec.outputs)))
+
+
+def provider_names(providers) -> list[str]:
+    """ONNX Runtime provider names of a providers list (a name, or a (name, options) pair each)."""
+    return [p if isinstance(p, str) else p[0] for p in providers]
 
 
 def opened_spec(manifest: Manifest, graph: str, opened, engine: str):
