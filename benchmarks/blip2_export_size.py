@@ -47,10 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 OPT_27B = dict(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, ffn_dim=10240, vocab_size=50272,
                max_position_embeddings=2048)
 Q = 32  # BLIP-2's query tokens: the image prefix of the prompt
-VERIFY_SIZES = {"batch": 1, "rows": 1, "text": 2, "prompt": Q + 3, "new": 1, "past": 3}
-TRACE_SIZES = {"batch": 2, "rows": 2, "text": 3, "prompt": Q + 3, "new": 2, "past": 5}
-PARTS = {"lm": ("opt_step", "opt_prefill"), "image": ("vision", "qformer"),
-         "all": ("vision", "qformer", "opt_step", "opt_prefill")}
+VERIFY_SIZES = {"batch": 1, "rows": 1, "text": 2, "prompt": Q + 3, "new": 1, "past": 3, "prefix": 0}
+TRACE_SIZES = {"batch": 2, "rows": 2, "text": 3, "prompt": Q + 3, "new": Q + 2, "past": 5, "prefix": Q}
+PARTS = {"lm": ("opt_step",), "image": ("vision", "qformer"), "all": ("vision", "qformer", "opt_step")}
 VISION_LAYERS = 39  # ViT-g/14's; the other vision and Q-Former sizes are the config defaults (BLIP-2's)
 
 
@@ -138,10 +137,9 @@ def build_image_part(graph: str, vision_layers: int, seed: int = 0):
 def _wrapper(lm, name: str, d):
     from types import SimpleNamespace
 
-    from blip_export.families.blip2.wrappers import OptPrefillGraph, OptStepGraph
+    from blip_export.families.blip2.wrappers import OptStepGraph
 
-    model = SimpleNamespace(language_model=lm)
-    return OptStepGraph(model).eval() if name == "opt_step" else OptPrefillGraph(model, d.image_token_id).eval()
+    return OptStepGraph(SimpleNamespace(language_model=lm), d.image_token_id).eval()
 
 
 def _sizes(out: Path) -> dict:
@@ -286,7 +284,7 @@ def main() -> None:
     ap.add_argument("--stage", choices=tuple(STAGES))
     ap.add_argument("--graph", default="opt_step", choices=PARTS["all"])
     ap.add_argument("--parts", default="all", choices=tuple(PARTS),
-                    help="lm: opt_step, opt_prefill; image: vision, qformer; all: both")
+                    help="lm: opt_step; image: vision, qformer; all: both")
     ap.add_argument("--layers", type=int, default=OPT_27B["num_hidden_layers"], help="OPT decoder layers")
     ap.add_argument("--vision-layers", type=int, default=VISION_LAYERS, help="ViT-g layers")
     ap.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="the LM's dtype")

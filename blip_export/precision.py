@@ -312,13 +312,11 @@ def convert_bundle(
         data = json.loads((src / "manifest.json").read_text(encoding="utf-8"))
         fam = family(data["family"])
         graphs, accuracy = {}, {}
-        for name, entry in data["graphs"].items():
-            source, target = src / entry["file"], tmp / entry["file"]
-            say(f"{precision}: {name}")
-            if name not in held:
-                raise ExportError(f"{name}: the held-out run never fed this graph")
-            policy = fam.precision_policy(name, data)
-            gemv = ROLE_GEMV in entry["io"].get("roles", ())
+
+        def convert(key: str, name: str, entry: dict, source: Path, target: Path, policy, gemv: bool) -> None:
+            """Write `target`, the `precision` form of fp32 graph `name` (file `source`), and its manifest
+            entry and held-out error as graph `key` (name, or its prompt twin)."""
+            say(f"{precision}: {key}")
             if precision == "fp16" and policy.keep_fp32:
                 info = keep_fp32(source, target, name, policy.keep_fp32)
             elif precision == "fp16":
@@ -329,11 +327,11 @@ def convert_bundle(
                                layer_groups=policy.layer_groups)
             else:  # int8-qdq, int8-cpu, and int4's graphs of many rows
                 if precision == "int8-qdq":
-                    def quantize(s, t, name=name):
+                    def quantize(s, t):
                         return to_int8(s, t, name, calib[name], held[name], bound=bound, method=method, progress=say,
                                        layer_groups=policy.layer_groups)
                 else:
-                    def quantize(s, t, name=name, gemv=gemv):
+                    def quantize(s, t):
                         return to_int8_cpu(s, t, name, held[name], bound=bound, progress=say, gemv=gemv,
                                            layer_groups=policy.layer_groups)
                 if not policy.smooth_alphas:
@@ -341,11 +339,26 @@ def convert_bundle(
                 else:
                     info = _smoothed_or_not(quantize, source, target, name, policy.smooth_alphas,
                                             calib.get(name) or held[name], bound, say)
-            accuracy[name] = graph_errors(run_all(ort_session(target), held[name]), run_all(ort_session(source), held[name]))
-            say(f"{name}: max abs {accuracy[name]['max_abs']:.3e}, relative {accuracy[name]['rel']:.3e}")
+            error = graph_errors(run_all(ort_session(target), held[name]), run_all(ort_session(source), held[name]))
+            accuracy[key] = error
+            say(f"{key}: max abs {error['max_abs']:.3e}, relative {error['rel']:.3e}")
             # the converted graph's own files: a data file of the fp32 graph may not exist for it
             kept = {k: v for k, v in entry.items() if k not in ("file", "sha256", "data")}
-            graphs[name] = {**graph_record(target), **kept, "precision": info}
+            graphs[key] = {**graph_record(target), **kept, "precision": info}
+
+        for name, entry in data["graphs"].items():
+            source = src / entry["file"]
+            if name not in held:
+                raise ExportError(f"{name}: the held-out run never fed this graph")
+            policy = fam.precision_policy(name, data)
+            gemv = ROLE_GEMV in entry["io"].get("roles", ())
+            convert(name, name, entry, source, tmp / entry["file"], policy, gemv)
+            if gemv and policy.prompt_twin and precision in ("int8-cpu", "int4"):
+                # the prompt's form: this graph as int8-cpu writes graphs of many rows (GraphPrecision.prompt_twin)
+                io = {**entry["io"], "name": policy.prompt_twin,
+                      "roles": [r for r in entry["io"].get("roles", ()) if r != ROLE_GEMV]}
+                twin = {**entry, "io": io, "prompt_twin_of": name}
+                convert(policy.prompt_twin, name, twin, source, tmp / f"{policy.prompt_twin}.onnx", policy, gemv=False)
         graph_files = {f["file"] for e in data["graphs"].values() for f in (e, *e.get("data", ()))}
         for item in src.iterdir():  # tokenizer and anything else the bundle carries
             if item.is_file() and item.name not in graph_files and item.suffix != ".onnx" and item.name != "manifest.json":

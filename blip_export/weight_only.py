@@ -14,9 +14,10 @@ Two uses:
   the weights are the whole cost of a step: half int8's bytes to stream, a quarter of fp32's.
   Block size by measurement (INT4_BLOCK, figures there). The bundle's other graphs are int8-cpu
   (precision.convert_bundle): their MatMuls see many rows, where 4-bit weights save bytes but not time,
-  and lose more: on the 512-wide LMs of INT4_BLOCK's figures, opt_prefill in int4 (block 32) had
+  and lose more: on the 512-wide LMs of INT4_BLOCK's figures, OPT's prompt graph in int4 (block 32) had
   relative error 0.198 and top-1 0.917 against int8-cpu's 0.034 and 1.000 (5.0 vs 7.5 MB, 21.5 vs
-  10.8 ms per call of 2 rows on the loaded 2-core machine), t5_encoder 0.82 against 0.22.
+  10.8 ms per call of 2 rows on the loaded 2-core machine), t5_encoder 0.82 against 0.22. So an int4
+  bundle runs OPT's prompt through opt_prefill, opt_step's int8-cpu twin (GraphPrecision.prompt_twin).
 
 Nodes the exclusion search (quant_search) keeps float stay fp32 MatMuls.
 """

@@ -163,6 +163,11 @@ class GraphPrecision:
     smooth_alphas: SmoothQuant alphas (blip_export.smoothquant) to try before int8 (int8-qdq and
       int8-cpu): the core quantizes the graph unsmoothed and smoothed at each (smoothquant.choose_alpha)
       and keeps the one with the smallest measured error; (): no smoothing.
+    prompt_twin: a name for this graph (of ROLE_GEMV) in a form for many rows, where it also runs over
+      prompts: in int8-cpu and int4 bundles, whose form of a ROLE_GEMV graph is made for one row per
+      beam (8-bit MatMulNBits, 4-bit weights), the core also writes the graph as int8-cpu writes graphs
+      of many rows (DynamicQuantizeMatMul), same inputs, under this name; the family's runtime runs
+      prompts through it. "": none (other precisions share one graph, and one copy of its weights).
     """
 
     keep_fp32: str = ""
@@ -170,6 +175,7 @@ class GraphPrecision:
     layer_groups: Callable[[list[str]], list[str]] | None = None
     notes: str = ""
     smooth_alphas: tuple[float, ...] = ()
+    prompt_twin: str = ""
 
 
 class BundleParts:

@@ -1,9 +1,9 @@
 """BLIP-2's calibration workload: every task of a bundle over images, with their texts.
 
 Feeds are recorded, not synthesized (blip_export.calibration records what the runtime's session is
-fed): vision and qformer see preprocessed images; opt_prefill / t5_encoder the prompts of captions
-(with and without a prompt) and of VQA, behind the image tokens; opt_step / t5_cross_kv / t5_step
-every step of the fp32 model's own greedy decoding; itm / text_features tokenized texts;
+fed): vision and qformer see preprocessed images; opt_step (its prompt calls) / t5_encoder the prompts of
+captions (with and without a prompt) and of VQA, behind the image tokens; opt_step / t5_cross_kv /
+t5_step every step of the fp32 model's own greedy decoding; itm / text_features tokenized texts;
 text_states (Blip2Model's get_text_features) the same texts through the LM's tokenizer.
 """
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blip_runtime.families.blip2.graphs import BATCH, NEW, PAST, PROMPT, ROWS, TEXT, TOTAL, Blip2Dims
+from blip_runtime.families.blip2.graphs import BATCH, NEW, PAST, PREFIX, PROMPT, ROWS, TEXT, TOTAL, Blip2Dims
 from blip_runtime.graphs import GraphSpec
 
 from .config import Blip2Config
@@ -49,19 +49,24 @@ def architecture_tasks(cfg: Blip2Config) -> tuple[str, ...]:
 
 
 def trace_sizes(dims: Blip2Dims) -> dict[str, int]:
-    """Axis sizes of the tracing inputs: distinct and > 1, so that no axis is baked in as a constant."""
-    return {BATCH: 2, ROWS: 2, TEXT: 3, PROMPT: dims.num_query_tokens + 3, NEW: 2, PAST: 5}
+    """Axis sizes of the tracing inputs: distinct and > 1, so that no axis is baked in as a constant
+    (opt_step traced with its queries placed among new tokens that follow a past)."""
+    Q = dims.num_query_tokens
+    return {BATCH: 2, ROWS: 2, TEXT: 3, PROMPT: Q + 3, NEW: Q + 2, PAST: 5, PREFIX: Q}
 
 
 def verify_sizes(dims: Blip2Dims) -> list[dict[str, int]]:
     """Sizes each graph is checked at: batch 1 and 3, prompts of 1/5/11 text tokens after the Q image
-    tokens, past 0/2/9, several new tokens once, more rows than requests once."""
+    tokens, past 0/2/9, several new tokens once, more rows than requests once, and OPT's prompt call
+    (opt_step over a left-padded prompt with its queries, past 0) at batch 1 and 3."""
     Q = dims.num_query_tokens
     return [
-        {BATCH: 1, ROWS: 1, TEXT: 1, PROMPT: Q + 1, NEW: 1, PAST: 0},
-        {BATCH: 3, ROWS: 3, TEXT: 5, PROMPT: Q + 5, NEW: 1, PAST: 2},
-        {BATCH: 3, ROWS: 3, TEXT: 11, PROMPT: Q + 11, NEW: 1, PAST: 9},
-        {BATCH: 1, ROWS: 3, TEXT: 5, PROMPT: Q + 5, NEW: 5, PAST: 9},
+        {BATCH: 1, ROWS: 1, TEXT: 1, PROMPT: Q + 1, NEW: 1, PAST: 0, PREFIX: 0},
+        {BATCH: 3, ROWS: 3, TEXT: 5, PROMPT: Q + 5, NEW: 1, PAST: 2, PREFIX: 0},
+        {BATCH: 3, ROWS: 3, TEXT: 11, PROMPT: Q + 11, NEW: 1, PAST: 9, PREFIX: 0},
+        {BATCH: 1, ROWS: 3, TEXT: 5, PROMPT: Q + 5, NEW: 5, PAST: 9, PREFIX: 0},
+        {BATCH: 1, ROWS: 1, TEXT: 1, PROMPT: Q + 1, NEW: Q + 1, PAST: 0, PREFIX: Q},
+        {BATCH: 3, ROWS: 3, TEXT: 5, PROMPT: Q + 5, NEW: Q + 5, PAST: 0, PREFIX: Q},
     ]
 
 
@@ -75,28 +80,37 @@ def _left_padded(rows: int, length: int, keep: int) -> np.ndarray:
 
 def random_feeds(spec: GraphSpec, dims: Blip2Dims, sizes: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
     """Valid inputs of `spec` at `sizes`: prompts of Q image tokens then text behind left padding,
-    positions as transformers derives them, a permuted beam_idx, standard normal floats."""
+    positions as transformers derives them, a permuted beam_idx, standard normal floats. opt_step with
+    queries (sizes[PREFIX] > 0) gets a prompt as its new tokens (behind the past's padding when there is
+    a past); without, random ids with an image token among them (embedded as text)."""
     rng = np.random.default_rng(seed)
     sizes = {**sizes, TOTAL: sizes[PAST] + sizes[NEW]}
     Q, feeds = dims.num_query_tokens, {}
-    with_image = any(t.name == "image_prefix" for t in spec.inputs)
+    step = spec.name in ("opt_step", "opt_prefill")
+    with_image = any(t.name == "image_prefix" for t in spec.inputs) and (not step or sizes[PREFIX] > 0)
     for t in spec.inputs:
         shape = tuple(a if isinstance(a, int) else sizes[a] for a in t.shape)
         if t.name == "input_ids" and with_image:  # image tokens then text, behind left padding
             ids = rng.integers(0, dims.vocab_size, shape, dtype=np.int64)
             ids[ids == dims.image_token_id] = (dims.image_token_id + 1) % dims.vocab_size
-            mask = _left_padded(shape[0], shape[1], Q + 1)
+            mask = _left_padded(shape[0], shape[1], Q + 1) if not step or not sizes[PAST] else np.ones(shape, np.int64)
             for r in range(shape[0]):
                 pad = int((mask[r] == 0).sum())
                 ids[r, pad: pad + Q] = dims.image_token_id
             feeds[t.name], feeds["_prompt_mask"] = ids, mask
+        elif t.name == "input_ids" and step:  # generated ids: an image token among them is text
+            feeds[t.name] = rng.integers(0, dims.vocab_size, shape, dtype=np.int64)
+            if dims.image_token_id < dims.vocab_size:
+                feeds[t.name][0, -1] = dims.image_token_id
         elif t.high is not None:
             feeds[t.name] = rng.integers(0, t.high, shape, dtype=np.int64)
         elif t.name == "position_ids":  # from the mask, below
             feeds[t.name] = np.zeros(shape, np.int64)
         elif t.name == "beam_idx":
             feeds[t.name] = rng.permutation(shape[0]).astype(np.int64)
-        elif t.name == "attention_mask" and spec.name == "opt_step":  # padding inside the past only
+        elif t.name == "attention_mask" and step and sizes[PAST] == 0 and "_prompt_mask" in feeds:
+            feeds[t.name] = feeds["_prompt_mask"]
+        elif t.name == "attention_mask" and step:  # padding inside the past only
             feeds[t.name] = _left_padded(shape[0], shape[1], sizes[NEW] + (sizes[PAST] > 0))
         elif t.name == "attention_mask" and "_prompt_mask" in feeds:
             feeds[t.name] = feeds["_prompt_mask"]

@@ -8,8 +8,11 @@ fp16, per graph:
   keeps the Q-Former in fp32 (Blip2's `_keep_in_fp32_modules`); its cross-attention over ViT-g's 257
   tokens and its LayerNorm-heavy residual stream are where BLIP-2 loses accuracy in fp16. These
   graphs are small (the Q-Former is 107 M parameters of BLIP-2's 3.8 B).
-- opt_prefill, opt_step, OPT's text_states: fp16 with the core's islands (OPT runs in fp16 in
-  transformers; its LayerNorms and softmax stay fp32).
+- opt_step, OPT's text_states: fp16 with the core's islands (OPT runs in fp16 in transformers; its
+  LayerNorms and softmax stay fp32). opt_step runs the prompt too; int8-cpu and int4 bundles add
+  opt_prefill, its many-row twin (GraphPrecision.prompt_twin): int8-cpu's 8-bit MatMulNBits step is
+  made for one row per beam (DynamicQuantizeMatMul is twice as fast from 64 rows, weight_only), and
+  int4 over a whole prompt had 6x int8-cpu's error (weight_only's figures).
 - t5_encoder, t5_step, T5's text_states: fp16 but for T5_ISLANDS (see t5_islands). Flan-T5's
   feed-forward output wo(act(wi_0 x) * wi_1 x) reaches ~1e5 in the large checkpoints, past fp16's
   65504 (transformers keeps `wo` in fp32, `_keep_in_fp32_modules = ["wo"]`, and its fp32 output
@@ -38,7 +41,6 @@ from .. import GraphPrecision
 
 QFORMER_GRAPHS = ("qformer", "itm", "text_features")
 T5_GRAPHS = ("t5_encoder", "t5_step")  # and text_states when the LM is T5
-OPT_GRAPHS = ("opt_prefill", "opt_step")  # and text_states when the LM is OPT
 # SmoothQuant before int8 for OPT's graphs (OPT from 6.7B on has LayerNorm-output channels ~100x the
 # rest). Measured (benchmarks/smoothquant.py, an OPT with three x300 residual channels, 24 held-out
 # images): step logits relative error int8 Q/DQ 3.8e-2 -> 1.2e-2 with alpha 0.5 (2.0e-2 at 0.75,
@@ -63,7 +65,9 @@ def policy(graph: str, manifest: dict) -> GraphPrecision:
         return GraphPrecision(fp16_islands=t5_islands, layer_groups=t5_layer_groups, notes=T5_NOTES)
     if graph == "t5_cross_kv":
         return GraphPrecision(layer_groups=t5_layer_groups)
-    if graph in OPT_GRAPHS or (graph == "text_states" and lm == "opt"):
+    if graph == "opt_step":
+        return GraphPrecision(smooth_alphas=OPT_SMOOTH_ALPHAS, prompt_twin="opt_prefill")
+    if graph == "text_states" and lm == "opt":
         return GraphPrecision(smooth_alphas=OPT_SMOOTH_ALPHAS)
     return GraphPrecision()
 

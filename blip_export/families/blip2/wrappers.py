@@ -22,15 +22,20 @@ def running_count(x: torch.Tensor) -> torch.Tensor:
 
 
 def place_prefix(embed, input_ids: torch.Tensor, prefix: torch.Tensor, image_token_id: int) -> torch.Tensor:
-    """The LM's input embeddings: input_ids int64 [R, S] with Q ids equal to image_token_id per row,
-    prefix [R, Q, D] -> [R, S, D], the i-th image token of a row taking the row's i-th query (what
-    transformers' masked_scatter does), written as a gather so that it traces."""
+    """The LM's input embeddings: input_ids int64 [R, S], prefix [R, Q, D] -> [R, S, D], the i-th image
+    token of a row taking the row's i-th query for i < Q (what transformers' masked_scatter does), every
+    other id embedded as text (an image token past the queries too: Q is 0 in OPT's later steps, whose
+    generated ids transformers embeds as text); a gather, so that it traces."""
     is_image = input_ids == image_token_id  # (R, S)
-    # the legacy marker id is V, past the table: look image positions up at row 0, they are replaced
-    embeds = embed(torch.where(is_image, torch.zeros_like(input_ids), input_ids))  # (R, S, D)
-    index = (running_count(is_image) - 1).clamp(min=0).long()  # (R, S): the query each image token takes
-    gathered = prefix.gather(1, index[..., None].expand(-1, -1, prefix.shape[2]))  # (R, S, D)
-    return torch.where(is_image[..., None], gathered.to(embeds.dtype), embeds)
+    count = running_count(is_image)  # (R, S): the image tokens up to and including each position
+    placed = is_image & (count <= prefix.shape[1])
+    # the legacy marker id is V, past the table: look placed positions up at row 0, they are replaced
+    embeds = embed(torch.where(placed, torch.zeros_like(input_ids), input_ids))  # (R, S, D)
+    # a zero row behind the queries, so that the gather has a row to read with no queries (Q = 0)
+    rows = torch.cat([prefix, prefix.new_zeros(prefix.shape[0], 1, prefix.shape[2])], dim=1)  # (R, Q + 1, D)
+    index = torch.where(placed, count - 1, torch.zeros_like(count)).long()  # (R, S): the query each takes
+    gathered = rows.gather(1, index[..., None].expand(-1, -1, rows.shape[2]))  # (R, S, D)
+    return torch.where(placed[..., None], gathered.to(embeds.dtype), embeds)
 
 
 def _flat(kv_pairs) -> tuple[torch.Tensor, ...]:
@@ -120,31 +125,20 @@ class TextFeaturesGraph(nn.Module):
         return self.model.text_feat(input_ids, attention_mask)
 
 
-class OptPrefillGraph(nn.Module):
-    """(input_ids [R, S], image_prefix [R, Q, D], attention_mask [R, S], position_ids [R, S])
-    -> (logits of the last position [R, V], present K/V [R, H, S, Dh] x 2L)."""
+class OptStepGraph(nn.Module):
+    """(input_ids [R, T], image_prefix [R, Q or 0, D], attention_mask [R, P+T], position_ids [R, T],
+    beam_idx [R], past K/V [R, H, P, Dh] x 2L) -> (logits of the last position [R, V], present K/V
+    [R, H, P+T, Dh] x 2L): the prompt's call (P = 0, the queries placed) and every later step."""
 
     def __init__(self, model: nn.Module, image_token_id: int):
         super().__init__()
         self.lm, self.image_token_id = model.language_model, image_token_id
 
-    def forward(self, input_ids, image_prefix, attention_mask, position_ids):
+    def forward(self, input_ids, image_prefix, attention_mask, position_ids, beam_idx, *past):
         embeds = place_prefix(self.lm.embed, input_ids, image_prefix, self.image_token_id)
-        logits, present = self.lm(embeds, attention_mask, position_ids)
-        return (logits[:, -1], *_flat(present))
-
-
-class OptStepGraph(nn.Module):
-    """(input_ids [R, T], attention_mask [R, P+T], position_ids [R, T], beam_idx [R], past K/V
-    [R, H, P, Dh] x 2L) -> (logits of the last position [R, V], present K/V [R, H, P+T, Dh] x 2L)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.lm = model.language_model
-
-    def forward(self, input_ids, attention_mask, position_ids, beam_idx, *past):
-        logits, present = self.lm(self.lm.embed(input_ids), attention_mask, position_ids, _pairs(past, beam_idx))
-        return (logits[:, -1], *_flat(present))
+        # the head over the last position only: the prompt's call skips (S - 1) x D x V multiply-adds
+        hidden, present = self.lm.hidden(embeds, attention_mask, position_ids, _pairs(past, beam_idx), last_only=True)
+        return (self.lm.lm_head(hidden).float()[:, -1], *_flat(present))
 
 
 class T5EncoderGraph(nn.Module):
@@ -199,8 +193,7 @@ def make_wrapper(model: nn.Module, spec, dims) -> nn.Module:
         "qformer": lambda: QFormerGraph(model, "image_prefix" in outputs, "image_feat" in outputs),
         "itm": lambda: ItmGraph(model),
         "text_features": lambda: TextFeaturesGraph(model),
-        "opt_prefill": lambda: OptPrefillGraph(model, dims.image_token_id),
-        "opt_step": lambda: OptStepGraph(model),
+        "opt_step": lambda: OptStepGraph(model, dims.image_token_id),
         "t5_encoder": lambda: T5EncoderGraph(model, dims.image_token_id),
         "t5_cross_kv": lambda: T5CrossKVGraph(model),
         "t5_step": lambda: T5StepGraph(model),

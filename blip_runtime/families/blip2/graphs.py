@@ -5,10 +5,16 @@ the tests read it. Shapes: B requests, R decoder rows (requests x beams), N imag
 D_q the Q-Former width (768), D the LM width, V its vocabulary, E the ITC width, H/Dh the LM's heads and
 head size, L its decoder layers.
 
-Where the image goes into the LM: the prefill (OPT) and the encoder (T5) graphs take the prompt's ids and
-the projected queries and place the queries at the ids equal to `image_token_id`, in the graph. So the
-runtime never handles embeddings (no `embed` graph, no second copy of the token table: the step graph
-holds it already, and on TensorRT the prompt's embeddings never leave the device). Checkpoints of the
+Where the image goes into the LM: OPT's step graph (its prompt call) and T5's encoder take the prompt's
+ids and the projected queries and place the queries at the ids equal to `image_token_id`, in the graph.
+So the runtime never handles embeddings (no `embed` graph, no second copy of the token table: the step
+graph holds it already, and on TensorRT the prompt's embeddings never leave the device).
+
+OPT has one LM graph, `opt_step`, for the prompt (past 0, the queries given) and for every later step
+(no queries): one copy of the LM's weights, where a prefill graph beside the step held a second one
+(5.7 GB of the 14.3 GB an fp32 OPT-1.3b runtime held after load). A reduced-precision bundle may carry
+`opt_prefill`, the same graph (same inputs) in a form for many rows, when the step's own form is one for
+one row per beam (int8-cpu's 8-bit MatMulNBits, int4): the runtime then runs the prompt through it. Checkpoints of the
 legacy convention (no `<image>` token; transformers concatenates the queries before the text) get
 `image_token_id = V`, an id no token has: the runtime prepends Q of them (mask ones), which is the same
 concatenation, and the graph maps the marker to a real row before its table lookup.
@@ -28,6 +34,7 @@ PROMPT = "prompt"  # LM prompt tokens, image tokens included; T5's encoder lengt
 NEW = "new"  # tokens one decoding step feeds (1 in the loop)
 PAST = "past"  # cached decoder tokens
 TOTAL = "total"  # past + new
+PREFIX = "prefix"  # the queries opt_step places: Q in the prompt's call, 0 in later steps
 
 # generate: captions, answers, instructions through the LM; features: Blip2Model's get_*_features
 TASKS = ("generate", "features", "itm", "itc")
@@ -89,6 +96,25 @@ def _cross(rows: str, dims: Blip2Dims) -> list[TensorSpec]:
             for n in kv_names("cross", dims.lm_layers)]
 
 
+def opt_step_spec(dims: Blip2Dims, name: str = "opt_step") -> GraphSpec:
+    """OPT's one LM graph (see the module doc); `name` opt_prefill: its many-row twin, same inputs."""
+    D, V = dims.lm_hidden, dims.vocab_size
+    return GraphSpec(
+        name,
+        (TensorSpec("input_ids", I64, (ROWS, NEW), dims.lm_id_high), TensorSpec("image_prefix", F32, (ROWS, PREFIX, D)),
+         TensorSpec("attention_mask", I64, (ROWS, TOTAL)), TensorSpec("position_ids", I64, (ROWS, NEW)),
+         TensorSpec("beam_idx", I64, (ROWS,)), *_kv("past", ROWS, PAST, dims)),
+        (TensorSpec("logits", F32, (ROWS, V)), *_kv("present", ROWS, TOTAL, dims)),
+        "OPT over new tokens behind a cache. The prompt's call: the whole prompt (past 0), the row's Q "
+        "queries in image_prefix taking its Q image tokens (the i-th image token the i-th query), left "
+        "padding (mask 0). Later steps: image_prefix [rows, 0, D], every id embedded as text (a generated "
+        "image token too, as transformers does), the past rows gathered by beam_idx (row i continues old "
+        "row beam_idx[i]). position_ids as transformers derives them (cumsum(mask) * mask - 1: -1 on pads, "
+        "which are masked), below dims.max_position_embeddings. Returns the last position's logits and "
+        "the grown cache (total = past + new).",
+        roles=(ROLE_LOOP, ROLE_GEMV) if name == "opt_step" else (ROLE_LOOP,))
+
+
 def graphs(dims: Blip2Dims, tasks) -> dict[str, GraphSpec]:
     """The graphs a BLIP-2 checkpoint needs for `tasks` (a subset of TASKS)."""
     tasks = set(tasks)
@@ -138,28 +164,11 @@ def graphs(dims: Blip2Dims, tasks) -> dict[str, GraphSpec]:
             "positions from the mask, or T5's encoder output.")
     if "generate" not in tasks:
         return out
-    prompt_ids = TensorSpec("input_ids", I64, (ROWS if dims.lm == "opt" else BATCH, PROMPT), dims.lm_id_high)
-    loop = (ROLE_LOOP, ROLE_GEMV)
     if dims.lm == "opt":
-        out["opt_prefill"] = GraphSpec(
-            "opt_prefill",
-            (prompt_ids, TensorSpec("image_prefix", F32, (ROWS, Q, D)),
-             TensorSpec("attention_mask", I64, (ROWS, PROMPT)), TensorSpec("position_ids", I64, (ROWS, PROMPT))),
-            (TensorSpec("logits", F32, (ROWS, V)), *_kv("present", ROWS, PROMPT, dims)),
-            "OPT over the whole prompt: the row's queries replace its image tokens (Q per row), then the "
-            "decoder; returns the last position's logits and the cache. Left padding (mask 0); position_ids "
-            "as transformers derives them (cumsum(mask) * mask - 1: -1 on pads, which are masked), "
-            "below dims.max_position_embeddings.")
-        out["opt_step"] = GraphSpec(
-            "opt_step",
-            (TensorSpec("input_ids", I64, (ROWS, NEW), V), TensorSpec("attention_mask", I64, (ROWS, TOTAL)),
-             TensorSpec("position_ids", I64, (ROWS, NEW)), TensorSpec("beam_idx", I64, (ROWS,)),
-             *_kv("past", ROWS, PAST, dims)),
-            (TensorSpec("logits", F32, (ROWS, V)), *_kv("present", ROWS, TOTAL, dims)),
-            "One decoding step: the past rows are gathered by beam_idx (row i continues old row beam_idx[i]), "
-            "the new tokens are embedded and attend to them; returns the last position's logits and the "
-            "grown cache (total = past + new).", roles=loop)
+        out["opt_step"] = opt_step_spec(dims)
         return out
+    prompt_ids = TensorSpec("input_ids", I64, (BATCH, PROMPT), dims.lm_id_high)
+    loop = (ROLE_LOOP, ROLE_GEMV)
     out["t5_encoder"] = GraphSpec(
         "t5_encoder",
         (prompt_ids, TensorSpec("image_prefix", F32, (BATCH, Q, D)),
@@ -196,7 +205,8 @@ def axes(dims: Blip2Dims, limits) -> dict[str, tuple[int, int, int]]:
     # opt: the middle of a typical request's decoding (TensorRT tunes its kernels for this shape)
     past_opt = min(past_max, prompt[1] + n // 2) if dims.lm == "opt" else min(past_max, max(1, n // 2))
     past = (0, past_opt, past_max)
-    new = (1, 1, limits.max_text_len)
+    # OPT's prompt runs through opt_step: its new tokens reach the whole prompt, its queries Q
+    new = (1, 1, prompt[2] if dims.lm == "opt" else limits.max_text_len)
     if dims.lm == "opt" and dims.max_position_embeddings and past[2] + 1 > dims.max_position_embeddings:
         raise ValueError(f"limits: {Q} queries + max_text_len {limits.max_text_len} + max_new_tokens "
                          f"{limits.max_new_tokens} exceed OPT's {dims.max_position_embeddings} positions")
@@ -208,4 +218,5 @@ def axes(dims: Blip2Dims, limits) -> dict[str, tuple[int, int, int]]:
         NEW: new,
         PAST: past,
         TOTAL: tuple(a + b for a, b in zip(past, new)),
+        PREFIX: (0, 0, Q),
     }

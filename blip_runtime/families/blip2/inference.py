@@ -1,7 +1,9 @@
 """The decoding loop's view of BLIP-2's language models (blip_runtime.decoding.Inference).
 
-OPT: the first call runs `opt_prefill` over the whole prompt (image tokens replaced in the graph by
-the row's projected queries), later calls `opt_step`. T5: `t5_encoder` and `t5_cross_kv` run once per
+OPT: the first call runs the whole prompt through `opt_step` with an empty past (image tokens replaced
+in the graph by the row's projected queries), or through `opt_prefill` where the bundle has it (a
+reduced form's many-row twin, or a bundle of the earlier layout whose prefill took no past); later
+calls run `opt_step` with no queries. T5: `t5_encoder` and `t5_cross_kv` run once per
 request before decoding (the runtime does it), every call runs `t5_step`. Beam moves between steps
 ride in the next step's `beam_idx` input, so no backend gathers the cache itself; per-request state
 (the queries, T5's cross K/V and encoder mask) is gathered in numpy only when rows change request
@@ -49,32 +51,45 @@ class _Rows:
         return idx.astype(np.int64)
 
 
-class OptInference(_Rows):
-    """OPT behind the queries. image_prefix: float32 [B, Q, D], one per request (the qformer graph's)."""
+def _empty_past(rows: int, dims: Blip2Dims) -> dict[str, np.ndarray]:
+    """past_key.i / past_value.i [rows, H, 0, Dh] in the graphs' cache dtype: a first call's cache."""
+    empty = np.zeros((rows, dims.lm_heads, 0, dims.lm_head_dim), dims.lm_dtype)
+    return {f"past_{k}.{i}": empty for i in range(dims.lm_layers) for k in ("key", "value")}
 
-    def __init__(self, session: Session, image_prefix: np.ndarray):
+
+class OptInference(_Rows):
+    """OPT behind the queries. image_prefix: float32 [B, Q, D], one per request (the qformer graph's).
+    graphs: the bundle's GraphSpecs (which graph takes the prompt, and what each takes)."""
+
+    def __init__(self, session: Session, dims: Blip2Dims, graphs: dict, image_prefix: np.ndarray):
         super().__init__(image_prefix.shape[0])
-        self.session = session
+        self.session, self.dims = session, dims
         self.prefix = image_prefix
+        self.prompt_graph = "opt_prefill" if "opt_prefill" in graphs else "opt_step"
+        self.takes = {name: {t.name for t in graphs[name].inputs} for name in {self.prompt_graph, "opt_step"}}
 
     def logits(self, tokens: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         rows, new = tokens.shape
         mask = attention_mask.astype(np.int64)
+        feeds = {"input_ids": tokens.astype(np.int64), "attention_mask": mask, "position_ids": _positions(mask, new)}
         if self.past is None:
-            out = self.session.run("opt_prefill", {
-                "input_ids": tokens.astype(np.int64), "image_prefix": self.prefix, "attention_mask": mask,
-                "position_ids": _positions(mask, new)}, keep=("present_*",))
+            graph = self.prompt_graph
+            feeds["image_prefix"] = self.prefix
+            if "beam_idx" in self.takes[graph]:  # the step graph's prompt call: nothing cached yet
+                feeds.update(beam_idx=np.arange(rows, dtype=np.int64), **_empty_past(rows, self.dims))
         else:
-            out = self.session.run("opt_step", {
-                "input_ids": tokens.astype(np.int64), "attention_mask": mask, "position_ids": _positions(mask, new),
-                "beam_idx": self._take_beam_idx(rows), **self.past}, keep=("present_*",))
+            graph = "opt_step"
+            feeds.update(beam_idx=self._take_beam_idx(rows), **self.past)
+            if "image_prefix" in self.takes[graph]:  # no queries after the prompt
+                feeds["image_prefix"] = np.zeros((rows, 0, self.prefix.shape[2]), np.float32)
+        out = self.session.run(graph, feeds, keep=("present_*",))
         self.past = _past(out)
         return out["logits"]
 
     def rearrange(self, source_indices: np.ndarray) -> None:
         source = np.asarray(source_indices, dtype=np.int64)
         if self._move(source) and self.past is None:
-            self.prefix = self.prefix[source]  # only the prefill reads the queries
+            self.prefix = self.prefix[source]  # only the prompt's call reads the queries
 
 
 class T5Inference(_Rows):
@@ -90,9 +105,7 @@ class T5Inference(_Rows):
     def logits(self, tokens: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         rows = tokens.shape[0]
         if self.past is None:
-            d = self.dims
-            empty = np.zeros((rows, d.lm_heads, 0, d.lm_head_dim), d.lm_dtype)  # the cache dtype of the graphs
-            self.past = {f"past_{k}.{i}": empty for i in range(d.lm_layers) for k in ("key", "value")}
+            self.past = _empty_past(rows, self.dims)
         # decoder rows are never padded (all start at decoder_start_token_id): no decoder mask
         out = self.session.run("t5_step", {
             "decoder_input_ids": tokens.astype(np.int64), "encoder_attention_mask": self.encoder_mask,

@@ -141,7 +141,8 @@ class Blip2FamilyRuntime(BlipRuntime):
         for key, members in groups.items():
             options = chosen[key]
             ids, mask = self._pad([rows[i] for i in members])
-            generated, scores = generate_scored(OptInference(self.session, prefix[members]), ids, mask, options)
+            inference = OptInference(self.session, self.dims, self.manifest.graphs, prefix[members])
+            generated, scores = generate_scored(inference, ids, mask, options)
             n = options.num_return_sequences
             for j, i in enumerate(members):
                 out[i], out_scores[i] = generated[j * n : (j + 1) * n], scores[j * n : (j + 1) * n]

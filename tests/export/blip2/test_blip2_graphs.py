@@ -67,7 +67,7 @@ def retrieval(tmp_path_factory):
                    hf_config("opt", True, text_input=True), seed=3)
 
 
-EXPECTED_GRAPHS = {"opt": ["vision", "qformer", "opt_prefill", "opt_step"],
+EXPECTED_GRAPHS = {"opt": ["vision", "qformer", "opt_step"],
                    "t5": ["vision", "qformer", "t5_encoder", "t5_cross_kv", "t5_step"],
                    "": ["vision", "qformer", "itm", "text_features"]}
 
@@ -186,8 +186,9 @@ def _positions(mask: np.ndarray, new: int) -> np.ndarray:
 
 @torch.no_grad()
 def test_prefill_and_steps_match_transformers_with_past(generation):
-    """Ours (vision -> qformer -> prefill / encoder -> steps with a permuted beam_idx) against
-    transformers' forward, then its language model's forward with the past it returned, reordered."""
+    """Ours (vision -> qformer -> OPT's prompt call / T5's encoder -> steps with a permuted beam_idx)
+    against transformers' forward, then its language model's forward with the past it returned,
+    reordered. OPT's steps are fed a generated image token, which both embed as text."""
     m = generation
     texts = ["a", "a photo of the", "what is the color of the small square"]
     inputs = _prompts(m, texts, pad_left=m.dims.lm == "opt")
@@ -200,13 +201,17 @@ def test_prefill_and_steps_match_transformers_with_past(generation):
     beam_idx = np.array([2, 0, 1])
     if m.dims.lm == "opt":
         logits, lm_out = _theirs(m, inputs, use_cache=True)
-        got = _wrap(m, "opt_prefill", ids, prefix, mask, _positions(mask, ids.shape[1]))
-        assert_close(got[0], logits[:, -1], REL, "opt_prefill logits vs transformers")
+        empty = [torch.zeros(R, m.dims.lm_heads, 0, m.dims.lm_head_dim)] * (2 * L)
+        got = _wrap(m, "opt_step", ids, prefix, mask, _positions(mask, ids.shape[1]), np.arange(R), *empty)
+        assert_close(got[0], logits[:, -1], REL, "opt_step prompt call logits vs transformers")
         past, cache = got[1:], lm_out.past_key_values
+        no_queries = np.zeros((R, 0, m.dims.lm_hidden), np.float32)
         for new in (1, 3):
             nxt = rng.integers(3, m.dims.vocab_size, (R, new))
+            if m.dims.image_token_id < m.dims.vocab_size:
+                nxt[0, -1] = m.dims.image_token_id
             mask = np.concatenate([mask[beam_idx], np.ones((R, new), np.int64)], axis=1)
-            got = _wrap(m, "opt_step", nxt, mask, _positions(mask, new), beam_idx, *past)
+            got = _wrap(m, "opt_step", nxt, no_queries, mask, _positions(mask, new), beam_idx, *past)
             cache.reorder_cache(torch.from_numpy(beam_idx))
             ref = m.theirs.language_model(input_ids=torch.from_numpy(nxt), attention_mask=torch.from_numpy(mask),
                                           cache=cache, use_cache=True)
@@ -240,8 +245,9 @@ def _image_prefix(m, pixel_values: np.ndarray) -> np.ndarray:
 
 
 class OrtOptInference:
-    """The decoding loop's Inference over ONNX Runtime sessions: vision and qformer once, opt_prefill
-    on the first call, opt_step after; beam moves ride in the next step's beam_idx."""
+    """The decoding loop's Inference over ONNX Runtime sessions: vision and qformer once, opt_step over
+    the prompt (its queries, past 0) on the first call and over the new token after; beam moves ride in
+    the next step's beam_idx."""
 
     def __init__(self, m, pixel_values: np.ndarray):
         self.m, self.past = m, None
@@ -257,11 +263,13 @@ class OrtOptInference:
             if self.legacy:
                 tokens = np.concatenate([np.full((R, m.dims.num_query_tokens), m.dims.image_token_id), tokens], 1)
                 pos = _positions(attention_mask, tokens.shape[1])
-            out = m.run("opt_prefill", input_ids=tokens, image_prefix=self.prefix, attention_mask=attention_mask,
-                        position_ids=pos)
+            empty = np.zeros((R, m.dims.lm_heads, 0, m.dims.lm_head_dim), np.float32)
+            past = {f"past_{k}.{i}": empty for i in range(m.dims.lm_layers) for k in ("key", "value")}
+            out = m.run("opt_step", input_ids=tokens, image_prefix=self.prefix, attention_mask=attention_mask,
+                        position_ids=pos, beam_idx=np.arange(R), **past)
         else:
-            out = m.run("opt_step", input_ids=tokens, attention_mask=attention_mask, position_ids=pos,
-                        beam_idx=self.beam_idx, **self.past)
+            out = m.run("opt_step", input_ids=tokens, image_prefix=np.zeros((R, 0, m.dims.lm_hidden), np.float32),
+                        attention_mask=attention_mask, position_ids=pos, beam_idx=self.beam_idx, **self.past)
         self.past = {k.replace("present", "past"): v for k, v in out.items() if k.startswith("present")}
         self.beam_idx = np.arange(R)
         return out["logits"]
@@ -359,14 +367,17 @@ def test_table_selection_and_dims_round_trip():
                      vocab_size=50304, image_token_id=50265, max_position_embeddings=2048)
     assert Blip2Dims.from_dict(dims.to_dict()) == dims
     table = graphs(dims, ["generate"])
-    assert list(table) == ["vision", "qformer", "opt_prefill", "opt_step"]
+    assert list(table) == ["vision", "qformer", "opt_step"]  # one LM graph: the prompt runs through the step
     assert table["vision"].outputs[0].shape == ("batch", 257, 1408)
     assert [t.name for t in table["qformer"].outputs] == ["query_output", "image_prefix"]
     step = table["opt_step"]
-    assert [t.name for t in step.inputs[4:6]] == ["past_key.0", "past_value.0"] and len(step.inputs) == 4 + 64
-    assert step.inputs[0].high == 50304 and table["opt_prefill"].inputs[0].high == 50304
+    assert [t.name for t in step.inputs[:5]] == ["input_ids", "image_prefix", "attention_mask", "position_ids",
+                                                 "beam_idx"]
+    assert step.inputs[1].shape == ("rows", "prefix", 2560)
+    assert [t.name for t in step.inputs[5:7]] == ["past_key.0", "past_value.0"] and len(step.inputs) == 5 + 64
+    assert step.inputs[0].high == 50304
     legacy = graphs(Blip2Dims(**{**dims.to_dict(), "image_token_id": 50304}), ["generate"])
-    assert legacy["opt_prefill"].inputs[0].high == 50305  # the marker id is a valid input
+    assert legacy["opt_step"].inputs[0].high == 50305  # the marker id is a valid input
     with pytest.raises(ValueError, match="tasks"):
         graphs(dims, ["caption"])
     with pytest.raises(ValueError, match="itc"):
@@ -431,8 +442,8 @@ def test_dims_of_public_configs(image_size, tokens):
 def test_bad_feeds_are_refused_by_the_table(generation):
     """The runtime checks feeds against the table before a session sees them: one line naming the input."""
     m = generation
-    first = "opt_prefill" if m.dims.lm == "opt" else "t5_encoder"
-    feeds = random_feeds(m.specs[first], m.dims, verify_sizes(m.dims)[1])
+    first = "opt_step" if m.dims.lm == "opt" else "t5_encoder"
+    feeds = random_feeds(m.specs[first], m.dims, verify_sizes(m.dims)[-1])  # OPT's prompt call, 3 rows
     with pytest.raises(ValueError, match="input 'input_ids' has dtype int32, expected int64"):
         m.run(first, **{**feeds, "input_ids": feeds["input_ids"].astype(np.int32)})
     with pytest.raises(ValueError, match="'image_prefix' has (rows|batch)=2, but another input has"):

@@ -40,10 +40,15 @@ def test_int4_bundle(bundles, kind):
     fp32 = load_manifest(bundles(kind))
     assert manifest.data["precision"] == "int4"
     feeds = calibration_feeds(bundles(kind), images(3, seed=40), TEXTS[2:5], max_new_tokens=6)
+    if kind == "opt":  # the prompt's twin of the int4 step: the same inputs, int8-cpu's many-row form
+        assert manifest.data["graphs"]["opt_prefill"]["prompt_twin_of"] == "opt_step"
+        assert manifest.graphs["opt_prefill"].inputs == manifest.graphs["opt_step"].inputs
+        assert set(manifest.graphs) == set(fp32.graphs) | {"opt_prefill"}
     for name, spec in manifest.graphs.items():
         info = manifest.data["graphs"][name]["precision"]
         path = manifest.graph_path(name)
-        err = graph_errors(run_all(ort_session(path), feeds[name]), run_all(ort_session(fp32.graph_path(name)), feeds[name]))
+        of = manifest.data["graphs"][name].get("prompt_twin_of", name)  # the fp32 graph it was converted from
+        err = graph_errors(run_all(ort_session(path), feeds[of]), run_all(ort_session(fp32.graph_path(of)), feeds[of]))
         held = manifest.data["accuracy"]["graphs"][name]
         top1 = f", top-1 {err['top1']:.3f}" if "top1" in err else ""
         print(f"{kind} int4 {name} ({info['format']}, kept out of 4/8 bits: {info['excluded_groups']}): max abs "

@@ -23,7 +23,7 @@ from blip_export.measure import check_typed
 from blip_export.trt_build import build_engines, check_trt_available
 from blip_export.trt_onnx_support import problems
 from blip_runtime import BlipRuntime
-from blip_runtime.families.blip2.graphs import BATCH, NEW, PAST, PROMPT, ROWS, TEXT, TOTAL, axes
+from blip_runtime.families.blip2.graphs import BATCH, NEW, PAST, PREFIX, PROMPT, ROWS, TEXT, TOTAL, axes
 from blip_runtime.graphs import Limits, axes_to_dict, profile_shapes
 from blip_runtime.manifest import load_manifest
 
@@ -88,7 +88,9 @@ def _implied(d, L: Limits) -> dict:
         ROWS: (1, L.opt_batch, L.max_batch * L.num_beams),  # requests x beams
         TEXT: (1, text_opt, L.max_text_len),
         PROMPT: (1, Q + text_opt, prompt_max),
-        NEW: lambda b: b[0] == b[1] == 1,  # the loop feeds one token per step
+        # the loop feeds one token per step; OPT's prompt call feeds the whole prompt to the step graph
+        NEW: lambda b: b[0] == b[1] == 1 and b[2] >= (prompt_max if d.lm == "opt" else 1),
+        PREFIX: (0, 0, Q),  # OPT's queries: Q in the prompt call, none in every later (the common) step
         # 0: T5's first step (an empty cache); a step's one new token never gets a position past OPT's
         # table; T5's cache never holds the prompt
         PAST: lambda b: b[0] == 0 and b[2] >= needed_past and (
@@ -101,13 +103,13 @@ def _fixed(name: str, d) -> dict[int, int]:
     return {
         "pixel_values": {1: 3, 2: d.image_size, 3: d.image_size},
         "image_embeds": {1: d.num_image_tokens, 2: d.vision_hidden},
-        "image_prefix": {1: d.num_query_tokens, 2: d.lm_hidden},
+        "image_prefix": {1: d.num_query_tokens, 2: d.lm_hidden} if d.lm == "t5" else {2: d.lm_hidden},
         "encoder_states": {2: d.lm_hidden},
     }.get(name, {1: d.lm_heads, 2: d.lm_head_dim} if name.startswith("cross_key") else
           {1: d.lm_heads, 3: d.lm_head_dim} if name.startswith(("past_", "cross_value")) else {})
 
 
-ROW_GRAPHS = {"opt_prefill", "opt_step", "t5_step"}  # decoder rows; every other graph runs per request
+ROW_GRAPHS = {"opt_step", "t5_step"}  # decoder rows; every other graph runs per request
 
 
 @pytest.mark.parametrize("limits", LIMITS, ids=["default", "small", "tiny"])

@@ -103,11 +103,15 @@ def _check_device_loop(runs: list[Run], lm: str, beams: bool) -> None:
     step = STEPS[lm]
     steps = [r for r in runs if r.graph == step]
     assert steps, [r.graph for r in runs]
-    first = {"opt": "opt_prefill", "t5": "t5_cross_kv"}[lm]
-    (source,) = [r for r in runs if r.graph == first]
-    assert all(isinstance(v, DeviceTensor) for k, v in source.outputs.items() if k != "logits"), first
+    if lm == "opt":  # the prompt's call is the step graph's first run (an empty cache), then the steps
+        source, steps = steps[0], steps[1:]
+        assert source.feeds["image_prefix"].shape[1] > 0 and all(r.feeds["image_prefix"].shape[1] == 0 for r in steps)
+        assert all(v.nbytes == 0 for k, v in source.feeds.items() if k.startswith("past_"))
+    else:
+        (source,) = [r for r in runs if r.graph == "t5_cross_kv"]
+    assert all(isinstance(v, DeviceTensor) for k, v in source.outputs.items() if k != "logits"), source.graph
     if lm == "opt":
-        assert source.d2h == source.outputs["logits"].nbytes, "the prefill's cache must stay on the device"
+        assert source.d2h == source.outputs["logits"].nbytes, "the prompt call's cache must stay on the device"
     else:
         assert source.d2h == 0, "the cross K/V must stay on the device"
     previous = source
@@ -201,7 +205,7 @@ def test_rows_beyond_the_profile(onnx_bundles, cuda, tmp_path):
 
     with TrtSession(engines(onnx_bundles, "opt", tmp_path)) as trt:
         rt = BlipRuntime(trt.manifest, trt)
-        with pytest.raises(ValueError, match=r"opt_prefill: input 'input_ids' has shape \(15, .*outside the shapes "
+        with pytest.raises(ValueError, match=r"opt_step: input 'input_ids' has shape \(15, .*outside the shapes "
                                              r"these engines were built for .*--num-beams 3") as e:
             rt.caption_tokens(images(), num_beams=5, max_new_tokens=4)
         assert "\n" not in str(e.value)

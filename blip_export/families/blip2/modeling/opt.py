@@ -143,9 +143,12 @@ class OptForCausalLM(nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
         past: list[KV] | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, list[KV]]:
         """The decoder's last hidden state (B, S, E) before lm_head (transformers' OPTModel output, what
-        BLIP-2's text features are), and the present K/V. Arguments as `forward`."""
+        BLIP-2's text features are), and the present K/V. Arguments as `forward`; last_only: the last
+        position's state only (B, 1, E), taken before the final LayerNorm so that the norm still feeds
+        lm_head directly (SmoothQuant folds into such pairs)."""
         dec = self.model.decoder
         x = dec.project_in(inputs_embeds) if dec.project_in is not None else inputs_embeds  # (B, S, D)
         x = x + dec.embed_positions(position_ids + POSITION_OFFSET)
@@ -155,6 +158,8 @@ class OptForCausalLM(nn.Module):
         for i, layer in enumerate(dec.layers):
             x, kv = layer(x, mask, None if past is None else past[i])
             present.append(kv)
+        if last_only:
+            x = x[:, -1:]
         if dec.final_layer_norm is not None:
             x = dec.final_layer_norm(x)
         if dec.project_out is not None:
