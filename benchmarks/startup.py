@@ -1,7 +1,9 @@
 """Start-up of a bundle: time from BlipRuntime.load to the first result, and what verification costs per GB.
 
-Per bundle kind, each verify mode in a process of its own (a fresh process, as a service starts):
-BlipRuntime.load(bundle, verify=...) and the first caption (greedy, 20 new tokens); "full" hashes
+Per bundle kind of BLIP-base captioning and of BLIP-2 at real size (ViT-g + Q-Former + OPT-1.3b dims,
+benchmarks.blip2_cases; where its bundles are cached), each verify mode in a process of its own (a
+fresh process, as a service starts): BlipRuntime.load(bundle, verify=...) and the first caption
+(greedy, 20 new tokens); "full" hashes
 every file, "stamp" (the default, run after "full" wrote the stamp) only stats them, False skips.
 Then, in this process, Manifest.verify_files("full") and ("stamp") alone on each bundle, and the
 SHA-256 rate: over bytes in memory (the CPU's bound), over a bundle file in the page cache, and over
@@ -11,7 +13,7 @@ from the page cache (posix_fadvise DONTNEED on that file only), which is what a 
 reboot reads. The stamp folder is a temporary one, so every first check is a real one. Writes
 RESULTS_startup.md (and startup.json) here.
 
-    python -m benchmarks.startup [--scale base] [--kinds fp32,int8-cpu] [--synthetic-gb 5.6]
+    python -m benchmarks.startup [--scale base] [--kinds fp32,int8-cpu] [--blip2-kinds fp32,int8,int4] [--synthetic-gb 5.6]
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from .contenders import THREADS
 
 HERE = Path(__file__).resolve().parent
 CASE = next(c for c in CASES if c.name == "caption-greedy")
+BLIP2 = "blip2"  # benchmarks.blip2_cases.MODEL: real size at scale base
+MODEL_NAMES = {"caption": "BLIP-base", BLIP2: "BLIP-2 (OPT-1.3b dims)"}
 MODES = ("full", "stamp", "off")  # in this order: "full" writes the stamp that "stamp" then finds
 
 
@@ -39,33 +43,33 @@ def bundle_gb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 1e9
 
 
-def first_result(scale: str, kind: str, mode: str) -> dict:
+def first_result(scale: str, model: str, kind: str, mode: str) -> dict:
     """In this (fresh) process: BlipRuntime.load with verify=mode, then the first caption."""
     from blip_runtime import BlipRuntime
 
     verify = {"full": "full", "stamp": True, "off": False}[mode]
-    folder = models.bundle(scale, CASE.model, kind)
+    folder = models.bundle(scale, model, kind)
     imgs = images(1, seed=1)
     t0 = time.perf_counter()
     rt = BlipRuntime.load(folder, threads=THREADS, verify=verify)
     t1 = time.perf_counter()
     rt.caption_tokens(imgs, **CASE.generation)
     t2 = time.perf_counter()
-    return {"kind": kind, "mode": mode, "load_s": t1 - t0, "first_caption_s": t2 - t1, "to_first_result_s": t2 - t0,
-            "load_avg": os.getloadavg()[0]}
+    return {"model": model, "kind": kind, "mode": mode, "load_s": t1 - t0, "first_caption_s": t2 - t1,
+            "to_first_result_s": t2 - t0, "gb": bundle_gb(folder), "load_avg": os.getloadavg()[0]}
 
 
-def verify_alone(scale: str, kind: str) -> dict:
+def verify_alone(scale: str, model: str, kind: str) -> dict:
     """verify_files("full") then ("stamp") on the bundle, timed in this process."""
     from blip_runtime.manifest import load_manifest
 
-    manifest = load_manifest(models.bundle(scale, CASE.model, kind))
+    manifest = load_manifest(models.bundle(scale, model, kind))
     t0 = time.perf_counter()
     manifest.verify_files("full")
     t1 = time.perf_counter()
     manifest.verify_files("stamp")
     t2 = time.perf_counter()
-    return {"kind": kind, "gb": bundle_gb(manifest.folder), "files": len(manifest.graphs) + 1,
+    return {"model": model, "kind": kind, "gb": bundle_gb(manifest.folder), "files": len(manifest.graphs) + 1,
             "full_s": t1 - t0, "stamp_s": t2 - t1}
 
 
@@ -134,18 +138,20 @@ def report(result: dict) -> str:
              "## Load to first result (each row a fresh process)", "",
              "verify full: every file hashed; stamp (the default; the stamp written by the full check before it): "
              "only each file's size, times and inode compared; off: verify=False.", "",
-             "| bundle | verify | BlipRuntime.load | first caption | load → first result |", "|---|---|---:|---:|---:|"]
+             "| model | bundle | size | verify | BlipRuntime.load | first caption | load → first result |",
+             "|---|---|---:|---|---:|---:|---:|"]
     for r in result["first"]:
         if "error" in r:
-            lines.append(f"| ? | ? | failed: {r['error'][:200]} | | |")
+            lines.append(f"| {r.get('model', '?')} | {r.get('kind', '?')} | | {r.get('mode', '?')} | failed: "
+                         f"{r['error'][:200]} | | |")
             continue
-        lines.append(f"| {r['kind']} | {r['mode']} | {r['load_s']:.2f} s | {r['first_caption_s']:.2f} s | "
-                     f"{r['to_first_result_s']:.2f} s |")
+        lines.append(f"| {MODEL_NAMES.get(r['model'], r['model'])} | {r['kind']} | {r['gb']:.2f} GB | {r['mode']} | "
+                     f"{r['load_s']:.2f} s | {r['first_caption_s']:.2f} s | {r['to_first_result_s']:.2f} s |")
     lines += ["", "## Verification alone", "",
-              "| bundle | size | files | full | full per GB | stamp |", "|---|---:|---:|---:|---:|---:|"]
+              "| model | bundle | size | files | full | full per GB | stamp |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in result["verify"]:
-        lines.append(f"| {r['kind']} | {r['gb']:.2f} GB | {r['files']} | {r['full_s']:.2f} s | "
-                     f"{r['full_s'] / r['gb']:.2f} s | {r['stamp_s'] * 1e3:.2f} ms |")
+        lines.append(f"| {MODEL_NAMES.get(r['model'], r['model'])} | {r['kind']} | {r['gb']:.2f} GB | {r['files']} | "
+                     f"{r['full_s']:.2f} s | {r['full_s'] / r['gb']:.2f} s | {r['stamp_s'] * 1e3:.2f} ms |")
     h = result["hash"]
     lines += ["", "## SHA-256 rate", "",
               f"- bytes in memory: {h['memory_mb_s']:.0f} MB/s (hashlib; the CPU's bound, one core)",
@@ -156,10 +162,7 @@ def report(result: dict) -> str:
                   f"warm {h['synthetic_warm_mb_s']:.0f} MB/s ({gb * 1e3 / h['synthetic_warm_mb_s']:.1f} s), cold (its pages "
                   f"dropped first) {h['synthetic_cold_mb_s']:.0f} MB/s ({gb * 1e3 / h['synthetic_cold_mb_s']:.1f} s); "
                   f"verify_files(\"stamp\") {h['synthetic_stamp_s'] * 1e3:.2f} ms",
-                  "", "A real BLIP-2 bundle was not built here (the OPT-2.7b step graph export peaks at 7.9 GB RSS, "
-                  "its check in ONNX Runtime at 11 GB; RESULTS_blip2_export.md): its full verification is this file's "
-                  f"time plus the other graphs' at the same rate (a 15 GB fp32 bundle: ~{15e3 / h['synthetic_cold_mb_s']:.0f} s "
-                  f"cold, ~{15e3 / h['synthetic_warm_mb_s']:.0f} s warm); the stamp check stays a stat per file."]
+                  ]
     return "\n".join(lines) + "\n"
 
 
@@ -167,8 +170,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scale", default="base", choices=("base", "tiny"))
     p.add_argument("--kinds", default="fp32,int8-cpu")
+    p.add_argument("--blip2-kinds", default="fp32,int8,int4", help="BLIP-2 real-size bundle kinds (where cached)")
     p.add_argument("--synthetic-gb", type=float, default=5.6, help="size of the synthetic data file; 0: none")
-    p.add_argument("--child", nargs=2, metavar=("KIND", "MODE"), help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=3, metavar=("MODEL", "KIND", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(first_result(args.scale, *args.child)))
@@ -176,16 +180,20 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0]
     result = {"scale": args.scale, "load_before": load, "first": [], "verify": [],
               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    bundles = [(CASE.model, k) for k in args.kinds.split(",") if k]
+    bundles += [(BLIP2, k) for k in args.blip2_kinds.split(",")
+                if k and (models.bundle(args.scale, BLIP2, k) / "manifest.json").is_file()]
     with tempfile.TemporaryDirectory() as stamps:
         os.environ["BLIP_TRT_STAMPS"] = stamps  # children inherit it
-        for kind in args.kinds.split(","):
+        for model, kind in bundles:
             for mode in MODES:
-                result["first"].append(spawn(["--scale", args.scale, "--child", kind, mode]))
+                result["first"].append({"model": model, "kind": kind, "mode": mode,
+                                        **spawn(["--scale", args.scale, "--child", model, kind, mode])})
                 print(json.dumps(result["first"][-1]), flush=True)
         with tempfile.TemporaryDirectory() as fresh:  # the parent's own checks start without a stamp
             os.environ["BLIP_TRT_STAMPS"] = fresh
-            for kind in args.kinds.split(","):
-                result["verify"].append(verify_alone(args.scale, kind))
+            for model, kind in bundles:
+                result["verify"].append(verify_alone(args.scale, model, kind))
                 print(json.dumps(result["verify"][-1]), flush=True)
             result["hash"] = hash_rates(args.scale, args.kinds.split(",")[0], args.synthetic_gb)
     result["load_after"] = os.getloadavg()[0]
