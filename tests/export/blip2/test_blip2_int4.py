@@ -44,6 +44,8 @@ def test_int4_bundle(bundles, kind):
         assert manifest.data["graphs"]["opt_prefill"]["prompt_twin_of"] == "opt_step"
         assert manifest.graphs["opt_prefill"].inputs == manifest.graphs["opt_step"].inputs
         assert set(manifest.graphs) == set(fp32.graphs) | {"opt_prefill"}
+        names = list(manifest.graphs)  # opened before the step: the smaller load peak (precision.convert_bundle)
+        assert names.index("opt_prefill") == names.index("opt_step") - 1, names
     for name, spec in manifest.graphs.items():
         info = manifest.data["graphs"][name]["precision"]
         path = manifest.graph_path(name)
