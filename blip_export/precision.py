@@ -313,34 +313,38 @@ def convert_bundle(
         fam = family(data["family"])
         graphs, accuracy = {}, {}
 
-        def convert(key: str, name: str, entry: dict, source: Path, target: Path, policy, gemv: bool) -> None:
+        def convert(key: str, name: str, entry: dict, source: Path, target: Path, policy, gemv: bool,
+                    which=None) -> None:
             """Write `target`, the `precision` form of fp32 graph `name` (file `source`), and its manifest
-            entry and held-out error as graph `key` (name, or its prompt twin)."""
+            entry and held-out error as graph `key` (name, or its prompt twin), on those of the graph's
+            feeds `which` selects (None: all)."""
             say(f"{precision}: {key}")
+            held_feeds = [f for f in held[name] if which is None or which(f)]
+            calib_feeds = [f for f in calib.get(name, ()) if which is None or which(f)]
             if precision == "fp16" and policy.keep_fp32:
                 info = keep_fp32(source, target, name, policy.keep_fp32)
             elif precision == "fp16":
                 info = to_fp16(source, target, name, policy.fp16_islands, policy.notes)
             elif precision == "int4" and gemv:
-                info = to_int4(source, target, name, held[name], bound=None if bound is None else int4_bounds[0],
+                info = to_int4(source, target, name, held_feeds, bound=None if bound is None else int4_bounds[0],
                                min_top1=int4_bounds[1], block_size=int4_block, progress=say,
                                layer_groups=policy.layer_groups)
             else:  # int8-qdq, int8-cpu, and int4's graphs of many rows
                 if precision == "int8-qdq":
                     def quantize(s, t):
-                        return to_int8(s, t, name, calib[name], held[name], bound=bound, method=method, progress=say,
+                        return to_int8(s, t, name, calib_feeds, held_feeds, bound=bound, method=method, progress=say,
                                        layer_groups=policy.layer_groups)
                 else:
                     def quantize(s, t):
-                        return to_int8_cpu(s, t, name, held[name], bound=bound, progress=say, gemv=gemv,
+                        return to_int8_cpu(s, t, name, held_feeds, bound=bound, progress=say, gemv=gemv,
                                            layer_groups=policy.layer_groups)
                 if not policy.smooth_alphas:
                     info = quantize(source, target)
                 else:
                     info = _smoothed_or_not(quantize, source, target, name, policy.smooth_alphas,
-                                            calib.get(name) or held[name], bound, say)
-            error = graph_errors(run_all(ort_session(target), held[name]), run_all(ort_session(source), held[name]))
-            accuracy[key] = error
+                                            calib_feeds or held_feeds, bound, say)
+            error = graph_errors(run_all(ort_session(target), held_feeds), run_all(ort_session(source), held_feeds))
+            accuracy[key] = {**error, "feeds": len(held_feeds)}
             say(f"{key}: max abs {error['max_abs']:.3e}, relative {error['rel']:.3e}")
             # the converted graph's own files: a data file of the fp32 graph may not exist for it
             kept = {k: v for k, v in entry.items() if k not in ("file", "sha256", "data")}
@@ -352,15 +356,17 @@ def convert_bundle(
                 raise ExportError(f"{name}: the held-out run never fed this graph")
             policy = fam.precision_policy(name, data)
             gemv = ROLE_GEMV in entry["io"].get("roles", ())
-            if gemv and policy.prompt_twin and precision in ("int8-cpu", "int4"):
+            if (gemv and policy.prompt_twin and precision in ("int8-cpu", "int4")
+                    and policy.prompt_twin not in data["graphs"]):
                 # the prompt's form: this graph as int8-cpu writes graphs of many rows (GraphPrecision.prompt_twin).
                 # Listed before the graph, so that sessions open it first: the last session opened sees the
                 # most resident memory at its load peak (raw and prepacked weights), and the twin is the larger
                 # (real-size BLIP-2 int4: load peak 5679 MiB with the twin last, against 4892 before it)
-                io = {**entry["io"], "name": policy.prompt_twin,
-                      "roles": [r for r in entry["io"].get("roles", ()) if r != ROLE_GEMV]}
+                # (no roles: it runs once per request, so its pool does not spin and the heap is trimmed after it)
+                io = {**entry["io"], "name": policy.prompt_twin, "roles": []}
                 twin = {**entry, "io": io, "prompt_twin_of": name}
-                convert(policy.prompt_twin, name, twin, source, tmp / f"{policy.prompt_twin}.onnx", policy, gemv=False)
+                convert(policy.prompt_twin, name, twin, source, tmp / f"{policy.prompt_twin}.onnx", policy, gemv=False,
+                        which=policy.prompt_feeds)
             convert(name, name, entry, source, tmp / entry["file"], policy, gemv)
         graph_files = {f["file"] for e in data["graphs"].values() for f in (e, *e.get("data", ()))}
         for item in src.iterdir():  # tokenizer and anything else the bundle carries

@@ -168,6 +168,9 @@ class GraphPrecision:
       beam (8-bit MatMulNBits, 4-bit weights), the core also writes the graph as int8-cpu writes graphs
       of many rows (DynamicQuantizeMatMul), same inputs, under this name; the family's runtime runs
       prompts through it. "": none (other precisions share one graph, and one copy of its weights).
+      A bundle that already has a graph of that name (an earlier layout) gets no twin.
+    prompt_feeds: feed dict -> whether it is a prompt's call: the twin's exclusion search and error are
+      measured on those of the graph's feeds (None: on all of them).
     """
 
     keep_fp32: str = ""
@@ -176,6 +179,7 @@ class GraphPrecision:
     notes: str = ""
     smooth_alphas: tuple[float, ...] = ()
     prompt_twin: str = ""
+    prompt_feeds: Callable[[dict], bool] | None = None
 
 
 class BundleParts:

@@ -112,7 +112,7 @@ def opt_step_spec(dims: Blip2Dims, name: str = "opt_step") -> GraphSpec:
         "row beam_idx[i]). position_ids as transformers derives them (cumsum(mask) * mask - 1: -1 on pads, "
         "which are masked), below dims.max_position_embeddings. Returns the last position's logits and "
         "the grown cache (total = past + new).",
-        roles=(ROLE_LOOP, ROLE_GEMV) if name == "opt_step" else (ROLE_LOOP,))
+        roles=(ROLE_LOOP, ROLE_GEMV) if name == "opt_step" else ())  # the twin runs once per request
 
 
 def graphs(dims: Blip2Dims, tasks) -> dict[str, GraphSpec]:

@@ -46,6 +46,13 @@ def test_int4_bundle(bundles, kind):
         assert set(manifest.graphs) == set(fp32.graphs) | {"opt_prefill"}
         names = list(manifest.graphs)  # opened before the step: the smaller load peak (precision.convert_bundle)
         assert names.index("opt_prefill") == names.index("opt_step") - 1, names
+        ops = {n.op_type for n in onnx.load(str(manifest.graph_path("opt_prefill"))).graph.node}
+        assert "MatMulInteger" in ops and "MatMulNBits" not in ops, sorted(ops)  # int8-cpu's many-row form
+        assert manifest.graphs["opt_prefill"].roles == ()  # once per request: no spinning pool
+        # measured on the prompt calls it runs (the queries given), not on the steps: one per request
+        measured = {g: manifest.data["accuracy"]["graphs"][g]["feeds"] for g in ("opt_prefill", "opt_step")}
+        requests = manifest.data["accuracy"]["held_out"]["feeds"]["qformer"]
+        assert measured["opt_prefill"] == requests < measured["opt_step"], (measured, requests)
     for name, spec in manifest.graphs.items():
         info = manifest.data["graphs"][name]["precision"]
         path = manifest.graph_path(name)

@@ -41,6 +41,10 @@ def test_int8_graphs_against_fp32(bundles, kind, precision):
     # int8-cpu adds opt_step's prompt twin (its step is 8-bit MatMulNBits, made for one row per beam)
     twins = {"opt_prefill"} if precision == "int8-cpu" and "opt_step" in fp32.graphs else set()
     assert set(ours.graphs) == set(fp32.graphs) | twins, sorted(ours.graphs)
+    for name in twins:  # the many-row form: DynamicQuantizeLinear + MatMulInteger, no 8-bit MatMulNBits
+        ops = {n.op_type for n in onnx.load(str(ours.graph_path(name))).graph.node}
+        assert "MatMulInteger" in ops and "MatMulNBits" not in ops, (name, sorted(ops))
+        assert "MatMulNBits" in {n.op_type for n in onnx.load(str(ours.graph_path("opt_step"))).graph.node}
     for name in ours.graphs:
         info = ours.data["graphs"][name]["precision"]
         path = ours.graph_path(name)
@@ -159,3 +163,31 @@ def test_opt_graphs_try_smoothquant(bundles, precision):
         assert record["alpha"] == (0.5 if record["kept"] else None)
         chosen = scores[0.5] if record["kept"] else record["unsmoothed_score"]
         assert badness(entry["precision"]["error"], INT8_BOUND) == pytest.approx(chosen), (entry["precision"]["error"], record)
+
+
+def test_a_bundle_with_its_own_opt_prefill_gets_no_twin(bundles, tmp_path):
+    """An fp32 bundle that has a graph named opt_prefill already (the earlier layout had one) converts it
+    as its own graph: no twin overwrites it. Here a copy of opt_step under that name."""
+    import shutil
+
+    from blip_export.precision import convert_bundle
+    from blip_runtime import BlipRuntime
+
+    src = tmp_path / "fp32"
+    shutil.copytree(bundles("opt"), src)
+    data = json.loads((src / "manifest.json").read_text())
+    shutil.copy(src / "opt_step.onnx", src / "opt_prefill.onnx")
+    step = data["graphs"]["opt_step"]
+    data["graphs"] = {"vision": data["graphs"]["vision"], "qformer": data["graphs"]["qformer"],
+                      "opt_prefill": {**step, "file": "opt_prefill.onnx", "io": {**step["io"], "name": "opt_prefill",
+                                                                                  "roles": []}},
+                      "opt_step": step}
+    (src / "manifest.json").write_text(json.dumps(data, indent=2))
+    out = convert_bundle(src, tmp_path / "int8", "int8-cpu", holdout_images=images(2, seed=21),
+                         holdout_texts=TEXTS[:2], bound=None)
+    assert list(out["graphs"]) == ["vision", "qformer", "opt_prefill", "opt_step"]
+    assert "prompt_twin_of" not in out["graphs"]["opt_prefill"], out["graphs"]["opt_prefill"]
+    feeds = out["accuracy"]["held_out"]["feeds"]
+    assert feeds["opt_prefill"] == feeds["qformer"] < feeds["opt_step"], feeds  # each fed by the runtime itself
+    tokens = BlipRuntime.load(tmp_path / "int8").caption_tokens(images(1, seed=22), max_new_tokens=3)[0]
+    assert 1 < len(tokens) <= 4, tokens  # OPT's BOS, then up to 3 new tokens
