@@ -2,8 +2,9 @@
 
 Precision lives in the ONNX graphs (fp32, fp16 with fp32 islands, int8 as Q/DQ), so the build only
 compiles: each graph becomes a STRONGLY TYPED network (TensorRT keeps every tensor's type as the
-graph has it), with one optimization profile per graph from the I/O table (`profile_shapes`) and a
-timing cache reused across graphs and builds. No FP16/INT8 builder flag and no calibrator are used:
+graph has it), with an optimization profile per graph from the I/O table (`profile_shapes`), one more
+per call shape where the family asks (its runtime module's more_profiles: BLIP-2 OPT's prompt call
+through its step graph), and a timing cache reused across graphs and builds. No FP16/INT8 builder flag and no calibrator are used:
 TensorRT 11 removed them and always builds strongly typed networks; on TensorRT 10 the
 NetworkDefinitionCreationFlag.STRONGLY_TYPED flag asks for the same (TensorRT 11 still accepts the
 flag and ignores it; where a TensorRT no longer has it, networks are strongly typed anyway).
@@ -37,11 +38,11 @@ def check_trt_available() -> str | None:
     return trt_unavailable_reason()
 
 
-def engine_loader(onnx_path: Path, shapes: dict, timing_cache: Path | None, *, strongly_typed: bool,
+def engine_loader(onnx_path: Path, profiles: list[dict], timing_cache: Path | None, *, strongly_typed: bool,
                   tf32: bool = False):
     """The polygraphy loader that compiles `onnx_path` to serialized engine bytes when called.
 
-    shapes: {input: (min, opt, max)} (one optimization profile). The timing cache file is read
+    profiles: the optimization profiles, each {input: (min, opt, max)}. The timing cache file is read
     before and merged back after the build (polygraphy locks it, so parallel builds may share it).
     tf32 stays off by default: an fp32 graph then computes in fp32, as ONNX Runtime does."""
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
@@ -49,26 +50,29 @@ def engine_loader(onnx_path: Path, shapes: dict, timing_cache: Path | None, *, s
     # Only what TensorRT 11 kept is asked for: CreateConfig touches the BuilderFlags it removed (FP16,
     # INT8, BF16, FP8, OBEY/PREFER_PRECISION_CONSTRAINTS, DIRECT_IO), the INT8 calibrator, quantization
     # flags and algorithm selectors only when told to, and clearing TF32 tolerates a missing flag.
-    profile = Profile()
-    for name, (lo, opt, hi) in shapes.items():
-        profile.add(name, min=lo, opt=opt, max=hi)
+    built = []
+    for shapes in profiles:
+        profile = Profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.add(name, min=lo, opt=opt, max=hi)
+        built.append(profile)
     cache = str(timing_cache) if timing_cache else None
     # From the path, never from bytes: the parser then reads weights stored beside the graph
     # (`<graph>.onnx.data`, graphs over 2 GB) relative to it.
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=strongly_typed)
     existing = cache if cache and Path(cache).is_file() else None  # a first build starts an empty cache
-    config = CreateConfig(profiles=[profile], load_timing_cache=existing, tf32=tf32)
+    config = CreateConfig(profiles=built, load_timing_cache=existing, tf32=tf32)
     return EngineBytesFromNetwork(network, config=config, save_timing_cache=cache)
 
 
-def _compile(onnx_path: Path, shapes: dict, timing_cache: Path | None, tf32: bool) -> bytes:
+def _compile(onnx_path: Path, profiles: list[dict], timing_cache: Path | None, tf32: bool) -> bytes:
     import tensorrt as trt
     from polygraphy.logger import G_LOGGER
 
     # Feature detection, not a version test: the flag exists in TensorRT 10 (needed) and 11 (ignored).
     strongly_typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
     with G_LOGGER.verbosity(G_LOGGER.WARNING):
-        return bytes(engine_loader(onnx_path, shapes, timing_cache, strongly_typed=strongly_typed, tf32=tf32)())
+        return bytes(engine_loader(onnx_path, profiles, timing_cache, strongly_typed=strongly_typed, tf32=tf32)())
 
 
 def _build_info(timing_cache: Path | None, tf32: bool) -> dict:
@@ -133,19 +137,24 @@ def build_engines(bundle_dir: Path, dst: Path, limits: Limits, timing_cache: Pat
         copy_file(source.folder / source.data["tokenizer"]["file"], tmp / source.data["tokenizer"]["file"])
         info = _build_info(timing_cache, tf32)
         entries = {}
+        # the first profile from the table's axes; a family may add one per call shape (BLIP-2 OPT's prompt)
+        more = getattr(family(source.data["family"]), "more_profiles", lambda *_: [])
         for name, spec in source.graphs.items():
-            shapes = profile_shapes(spec, axes)
+            profiles = [profile_shapes(spec, a) for a in (axes, *more(name, source.dims, limits))]
+            shapes = profiles[0]
             say(f"building the {name} engine")
             start = time.time()
             engine = tmp / f"{name}.engine"
             try:
-                engine.write_bytes(_compile(source.graph_path(name), shapes, timing_cache, tf32))
+                engine.write_bytes(_compile(source.graph_path(name), profiles, timing_cache, tf32))
             except Exception as e:  # polygraphy reports parser and builder failures as its own exception
                 detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
                 raise TrtBuildError(f"{name}: TensorRT could not build the engine: {detail}") from e
             entries[name] = {
                 "file": engine.name, "sha256": sha256(engine), "io": spec.to_dict(),
                 "profile": {k: [list(s) for s in v] for k, v in shapes.items()},
+                # every profile, in the engine's order (the runtime picks the first that holds a call)
+                "profiles": [{k: [list(s) for s in v] for k, v in p.items()} for p in profiles],
                 "onnx_sha256": source.data["graphs"][name].get("sha256"),
                 "build_seconds": round(time.time() - start, 2),
                 # what the graph holds in each precision (fp32 islands, excluded int8 layers): the

@@ -118,8 +118,17 @@ def _stand_in(value):
 @dataclass
 class _Engine:
     engine: object  # trt.ICudaEngine
-    context: object  # trt.IExecutionContext
+    contexts: list  # trt.IExecutionContext per optimization profile, in the engine's order
+    profiles: list  # the manifest's profiles: [{input: [min, opt, max]}]
     dtypes: dict  # tensor name -> numpy dtype, as the engine has it
+
+    def context_for(self, shapes: dict[str, tuple]):
+        """The context of the first profile that holds every input shape, or None."""
+        for context, profile in zip(self.contexts, self.profiles):
+            if all(len(shape) == len(profile[n][0]) and all(lo <= s <= hi for lo, s, hi in zip(
+                    profile[n][0], shape, profile[n][2])) for n, shape in shapes.items() if n in profile):
+                return context
+        return None
 
 
 class TrtSession:
@@ -128,7 +137,8 @@ class TrtSession:
     `run(graph, feeds, keep=())`: feeds are numpy arrays or DeviceTensors of this session; returns
     numpy arrays, except DeviceTensors for the outputs whose names match a pattern in `keep`.
     `to_device(array)` uploads once what several runs read. Not thread-safe: one stream, one
-    execution context per graph. `close()` (or `with`) frees the GPU memory."""
+    execution context per graph and optimization profile (a run takes the first profile that holds
+    its shapes: BLIP-2 OPT's prompt call has its own). `close()` (or `with`) frees the GPU memory."""
 
     def __init__(self, manifest: Manifest):
         reason = trt_unavailable_reason()
@@ -153,10 +163,18 @@ class TrtSession:
             if names != wanted:
                 raise BundleError(f"{path}: engine tensors {sorted(names)} differ from the manifest's {sorted(wanted)}")
             dtypes = {n: _numpy_dtype(engine.get_tensor_dtype(n)) for n in names}
-            context = engine.create_execution_context()
-            if context is None:
-                raise BundleError(f"{path}: TensorRT could not create an execution context (out of GPU memory?)")
-            self._engines[graph] = _Engine(engine, context, dtypes)
+            entry = manifest.data["graphs"][graph]
+            profiles = entry.get("profiles") or [entry.get("profile", {})]
+            contexts = []  # one per profile: a profile serves one context at a time
+            for i in range(len(profiles)):
+                context = engine.create_execution_context()
+                if context is None:
+                    raise BundleError(f"{path}: TensorRT could not create an execution context (out of GPU memory?)")
+                if i and not context.set_optimization_profile_async(i, self._pool.stream.ptr):
+                    raise BundleError(f"{path}: TensorRT could not select optimization profile {i}; rebuild with "
+                                      f"`{rebuild_command(manifest.data, manifest.folder)}`")
+                contexts.append(context)
+            self._engines[graph] = _Engine(engine, contexts, profiles, dtypes)
 
     # -- the Session interface ------------------------------------------------------------------
     def run(self, graph: str, feeds: dict, keep: Sequence[str] = ()) -> dict:
@@ -167,6 +185,7 @@ class TrtSession:
             raise RuntimeError("TrtSession.run after close()")
         spec.check_feeds({k: _stand_in(v) for k, v in feeds.items()})
         e = self._engines[graph]
+        context = e.context_for({t.name: tuple(feeds[t.name].shape) for t in spec.inputs}) or e.contexts[0]
         # Host feeds copied in for this run, held until it is enqueued: dropped earlier, a buffer would
         # go back to the pool and could come out again as one of this run's outputs.
         uploaded = []
@@ -181,17 +200,17 @@ class TrtSession:
             if value.dtype != e.dtypes[t.name]:
                 raise BundleError(f"{graph}: the engine takes {t.name!r} as {e.dtypes[t.name]}, the manifest says "
                                   f"{value.dtype}; rebuild with `{rebuild_command(self.manifest.data, self.manifest.folder)}`")
-            if not e.context.set_input_shape(t.name, value.shape):
+            if not context.set_input_shape(t.name, value.shape):
                 raise ValueError(self._outside_profile(graph, t.name, value.shape))
-            e.context.set_tensor_address(t.name, value.ptr)
+            context.set_tensor_address(t.name, value.ptr)
         outputs = {}
         for t in spec.outputs:
-            shape = tuple(e.context.get_tensor_shape(t.name))
+            shape = tuple(context.get_tensor_shape(t.name))
             if any(s < 0 for s in shape):
                 raise RuntimeError(f"{graph}: TensorRT could not infer the shape of output {t.name!r} ({shape})")
             outputs[t.name] = DeviceTensor.empty(shape, e.dtypes[t.name], self._pool)
-            e.context.set_tensor_address(t.name, outputs[t.name].ptr)
-        if not e.context.execute_async_v3(self._pool.stream.ptr):
+            context.set_tensor_address(t.name, outputs[t.name].ptr)
+        if not context.execute_async_v3(self._pool.stream.ptr):
             raise RuntimeError(f"{graph}: TensorRT execution failed (see the TensorRT log above)")
         kept = {n for n in outputs if any(fnmatchcase(n, p) for p in keep)}
         host = dict(zip([n for n in outputs if n not in kept], to_host([v for n, v in outputs.items() if n not in kept])))
@@ -208,7 +227,7 @@ class TrtSession:
             return
         self._pool.stream.synchronize()
         for e in self._engines.values():
-            e.context = None  # contexts before their engines, engines before the runtime
+            e.contexts = []  # contexts before their engines, engines before the runtime
             e.engine = None
         self._engines.clear()
         self._runtime = None

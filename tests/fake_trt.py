@@ -72,8 +72,8 @@ def read(ptr: int, shape, dtype) -> np.ndarray:
     return np.frombuffer(ctypes.string_at(ptr, n), dtype).reshape(shape).copy()
 
 
-def fake_engine_bytes(onnx_path: Path, shapes: dict, timing_cache=None, tf32=False, parsed: list | None = None) -> bytes:
-    """What the fake 'build' writes as `<graph>.engine`: the ONNX graph and its profile.
+def fake_engine_bytes(onnx_path: Path, profiles: list, timing_cache=None, tf32=False, parsed: list | None = None) -> bytes:
+    """What the fake 'build' writes as `<graph>.engine`: the ONNX graph and its profiles.
 
     It goes the way trt_build._compile goes as far as TensorRT allows here: the polygraphy loader
     chain (trt_build.engine_loader) is made and must parse from the graph's path; then the graph is
@@ -86,22 +86,31 @@ def fake_engine_bytes(onnx_path: Path, shapes: dict, timing_cache=None, tf32=Fal
     from polygraphy.logger import G_LOGGER
 
     with G_LOGGER.verbosity(G_LOGGER.WARNING):  # as trt_build._compile: no note per graph
-        loader = engine_loader(onnx_path, shapes, timing_cache, strongly_typed=True, tf32=tf32)
+        loader = engine_loader(onnx_path, profiles, timing_cache, strongly_typed=True, tf32=tf32)
     network = loader._network
     assert type(network).__name__ == "NetworkFromOnnxPath" and network.path == str(onnx_path), \
         f"{onnx_path}: the parser must be given the graph's path, got {type(network).__name__}"
     if parsed is not None:
         parsed.append(loader)
     whole = onnx.load(str(onnx_path))  # external data resolves relative to the path
-    return pickle.dumps({"onnx": whole.SerializeToString(), "profile": shapes})
+    return pickle.dumps({"onnx": whole.SerializeToString(), "profiles": profiles})
 
 
 class _Context:
     def __init__(self, engine):
         self.engine, self.shapes, self.addresses, self.results = engine, {}, {}, None
+        self.profile, self.executed = 0, 0  # as TensorRT: a new context is on profile 0
+
+    def set_optimization_profile_async(self, index, stream):
+        if not 0 <= index < len(self.engine.profiles) or index in self.engine.taken:
+            return False  # out of range, or held by another context
+        self.engine.taken.discard(self.profile)
+        self.profile = index
+        self.engine.taken.add(index)
+        return True
 
     def set_input_shape(self, name, shape):
-        lo, _, hi = self.engine.profile[name]
+        lo, _, hi = self.engine.profiles[self.profile][name]
         if not all(a <= s <= b for a, s, b in zip(lo, shape, hi)) or len(shape) != len(lo):
             return False  # as TensorRT: a shape outside the profile is refused
         self.shapes[name], self.results = tuple(shape), None
@@ -122,6 +131,7 @@ class _Context:
         return True
 
     def execute_async_v3(self, stream):
+        self.executed += 1
         for name, value in self._run().items():
             value = np.ascontiguousarray(value)  # keep a reference while its memory is copied
             ctypes.memmove(self.addresses[name], value.ctypes.data, value.nbytes)
@@ -137,7 +147,8 @@ class _Engine:
         import onnxruntime as ort
 
         blob = pickle.loads(data)
-        self.profile = blob["profile"]
+        self.profiles = blob["profiles"]
+        self.taken: set[int] = set()  # profiles some context has selected
         self.session = ort.InferenceSession(blob["onnx"], providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]

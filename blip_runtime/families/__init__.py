@@ -3,6 +3,9 @@
 Each module (imported only when a bundle of its family is opened) exposes:
   dims_from_dict(data) -> the family's dims object (from the manifest's "dims"),
   axes(dims, limits) -> {axis: (min, opt, max)} of its graphs' symbolic axes,
+  more_profiles(graph, dims, limits) (optional) -> further axes dicts, one more TensorRT optimization
+    profile each, for a graph whose calls come in shapes far apart (the runtime runs each call on the
+    first profile that holds it),
   runtime_class() -> its BlipRuntime subclass (the task API),
   MANIFEST_SCHEMA: extra (key, JSON type, required) rows of the manifest schema (e.g. its dims).
 Adding a family: its folder and one line here.

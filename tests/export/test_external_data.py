@@ -215,12 +215,12 @@ def test_trt_build_parses_from_the_path(bundles, tmp_path, monkeypatch):
     folder = bundles("fp32", True)
     parsed = []
 
-    def compile_from_path(onnx_path, shapes, timing_cache=None, tf32=False):
-        loader = engine_loader(onnx_path, shapes, timing_cache, strongly_typed=True)
+    def compile_from_path(onnx_path, profiles, timing_cache=None, tf32=False):
+        loader = engine_loader(onnx_path, profiles, timing_cache, strongly_typed=True)
         assert loader._network.path == str(onnx_path)  # polygraphy's NetworkFromOnnxPath, not bytes
         parsed.append(Path(onnx_path).name)
         whole = onnx.load(str(onnx_path))  # what the parser reads: the graph and its data file
-        return pickle.dumps({"onnx": whole.SerializeToString(), "profile": shapes})
+        return pickle.dumps({"onnx": whole.SerializeToString(), "profiles": profiles})
 
     monkeypatch.setattr(trt_build, "_compile", compile_from_path)
     limits = Limits(max_batch=4, max_text_len=16, max_new_tokens=20, num_beams=3)

@@ -197,7 +197,7 @@ def test_engine_loader_uses_the_table_profile(bundles, tmp_path):
     spec = manifest.graphs["decoder_step"]
     shapes = profile_shapes(spec, blip_axes(manifest.dims, LIMITS[1]))
     (tmp_path / "cache").write_bytes(b"")  # an existing cache is read before and merged after the build
-    loader = engine_loader(manifest.graph_path("decoder_step"), shapes, tmp_path / "cache", strongly_typed=True)
+    loader = engine_loader(manifest.graph_path("decoder_step"), [shapes], tmp_path / "cache", strongly_typed=True)
     (profile,) = loader._config.profiles
     assert {name: (tuple(s.min), tuple(s.opt), tuple(s.max)) for name, s in profile.items()} == shapes
     assert loader._network.strongly_typed and not loader._config.tf32
@@ -211,7 +211,7 @@ def test_builder_config_is_strongly_typed_without_precision_flags(bundles, tmp_p
     manifest = load_manifest(bundles["BlipForConditionalGeneration"])
     for name, spec in manifest.graphs.items():
         shapes = profile_shapes(spec, blip_axes(manifest.dims, LIMITS[1]))
-        loader = engine_loader(manifest.graph_path(name), shapes, tmp_path / "cache", strongly_typed=True)
+        loader = engine_loader(manifest.graph_path(name), [shapes], tmp_path / "cache", strongly_typed=True)
         config = loader._config
         assert (config.fp16, config.int8, config.bf16, config.fp8, config.tf32) == (False,) * 5, name
         assert config.calibrator is None and config.quantization_flags is None and config.precision_constraints is None
@@ -239,7 +239,7 @@ def test_strongly_typed_flag_by_feature(bundles, monkeypatch, has_flag):
     monkeypatch.setattr(trt_build, "engine_loader", loader)
     manifest = load_manifest(bundles["BlipForConditionalGeneration"])
     shapes = profile_shapes(manifest.graphs["decoder_step"], blip_axes(manifest.dims, Limits()))
-    assert trt_build._compile(manifest.graph_path("decoder_step"), shapes, None, False) == b"engine"
+    assert trt_build._compile(manifest.graph_path("decoder_step"), [shapes], None, False) == b"engine"
     assert asked == [has_flag]
 
 

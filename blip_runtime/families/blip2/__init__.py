@@ -3,7 +3,7 @@
 
 from dataclasses import fields
 
-from .graphs import Blip2Dims, axes, graphs
+from .graphs import Blip2Dims, axes, graphs, prompt_axes
 
 _REQUIRED_DIMS = {"image_size", "num_image_tokens", "vision_hidden", "num_query_tokens", "qformer_hidden",
                   "qformer_vocab_size"}  # the rest default (retrieval bundles have no LM)
@@ -23,6 +23,11 @@ def dims_from_dict(data: dict) -> Blip2Dims:
     return Blip2Dims.from_dict(data)
 
 
+def more_profiles(graph: str, dims: Blip2Dims, limits) -> list[dict]:
+    """opt_step's prompt call gets a TensorRT profile of its own (graphs.prompt_axes)."""
+    return [prompt_axes(dims, limits)] if graph == "opt_step" else []
+
+
 def runtime_class():
     """BLIP-2's runtime (caption, answer, match, features): imported when a BLIP-2 bundle is opened."""
     from .runtime import Blip2FamilyRuntime
@@ -30,4 +35,4 @@ def runtime_class():
     return Blip2FamilyRuntime
 
 
-__all__ = ["MANIFEST_SCHEMA", "Blip2Dims", "axes", "dims_from_dict", "graphs", "runtime_class"]
+__all__ = ["MANIFEST_SCHEMA", "Blip2Dims", "axes", "dims_from_dict", "graphs", "more_profiles", "runtime_class"]

@@ -205,8 +205,7 @@ def axes(dims: Blip2Dims, limits) -> dict[str, tuple[int, int, int]]:
     # opt: the middle of a typical request's decoding (TensorRT tunes its kernels for this shape)
     past_opt = min(past_max, prompt[1] + n // 2) if dims.lm == "opt" else min(past_max, max(1, n // 2))
     past = (0, past_opt, past_max)
-    # OPT's prompt runs through opt_step: its new tokens reach the whole prompt, its queries Q
-    new = (1, 1, prompt[2] if dims.lm == "opt" else limits.max_text_len)
+    new = (1, 1, limits.max_text_len)  # OPT's prompt call has a profile of its own (prompt_axes)
     if dims.lm == "opt" and dims.max_position_embeddings and past[2] + 1 > dims.max_position_embeddings:
         raise ValueError(f"limits: {Q} queries + max_text_len {limits.max_text_len} + max_new_tokens "
                          f"{limits.max_new_tokens} exceed OPT's {dims.max_position_embeddings} positions")
@@ -218,5 +217,14 @@ def axes(dims: Blip2Dims, limits) -> dict[str, tuple[int, int, int]]:
         NEW: new,
         PAST: past,
         TOTAL: tuple(a + b for a, b in zip(past, new)),
-        PREFIX: (0, 0, Q),
+        PREFIX: (0, 0, 0),  # the steps place no queries; the prompt call's profile takes Q
     }
+
+
+def prompt_axes(dims: Blip2Dims, limits) -> dict[str, tuple[int, int, int]]:
+    """opt_step's second TensorRT profile, for the prompt's call: the whole prompt as new tokens, the Q
+    queries, an empty past. The first profile (`axes`) is tuned for the one-token steps and takes no
+    queries, so each call fits exactly one of the two."""
+    table = axes(dims, limits)
+    Q, prompt = dims.num_query_tokens, table[PROMPT]
+    return {**table, NEW: prompt, PAST: (0, 0, 0), TOTAL: prompt, PREFIX: (Q, Q, Q)}

@@ -23,6 +23,7 @@ from blip_export.measure import check_typed
 from blip_export.trt_build import build_engines, check_trt_available
 from blip_export.trt_onnx_support import problems
 from blip_runtime import BlipRuntime
+from blip_runtime.families.blip2 import more_profiles
 from blip_runtime.families.blip2.graphs import BATCH, NEW, PAST, PREFIX, PROMPT, ROWS, TEXT, TOTAL, axes
 from blip_runtime.graphs import Limits, axes_to_dict, profile_shapes
 from blip_runtime.manifest import load_manifest
@@ -88,9 +89,8 @@ def _implied(d, L: Limits) -> dict:
         ROWS: (1, L.opt_batch, L.max_batch * L.num_beams),  # requests x beams
         TEXT: (1, text_opt, L.max_text_len),
         PROMPT: (1, Q + text_opt, prompt_max),
-        # the loop feeds one token per step; OPT's prompt call feeds the whole prompt to the step graph
-        NEW: lambda b: b[0] == b[1] == 1 and b[2] >= (prompt_max if d.lm == "opt" else 1),
-        PREFIX: (0, 0, Q),  # OPT's queries: Q in the prompt call, none in every later (the common) step
+        NEW: lambda b: b[0] == b[1] == 1,  # the loop feeds one token per step
+        PREFIX: (0, 0, 0),  # no queries in the steps (OPT's prompt call has a profile of its own, below)
         # 0: T5's first step (an empty cache); a step's one new token never gets a position past OPT's
         # table; T5's cache never holds the prompt
         PAST: lambda b: b[0] == 0 and b[2] >= needed_past and (
@@ -143,6 +143,15 @@ def test_profiles_from_table(bundles, kind, limits):
             assert seen[TOTAL] == tuple(p + n for p, n in zip(seen[PAST], seen[NEW])), graph
         if graph.endswith("_step"):
             assert prof["beam_idx"][2] == (limits.max_batch * limits.num_beams,), graph
+    if "opt_step" in manifest.graphs:  # a second profile for the prompt call: the whole prompt, the queries, no past
+        (prompt,) = more_profiles("opt_step", d, limits)
+        prof = profile_shapes(manifest.graphs["opt_step"], prompt)
+        Q = d.num_query_tokens
+        assert prof["image_prefix"] == ((1, Q, d.lm_hidden), (limits.opt_batch, Q, d.lm_hidden),
+                                        (limits.max_batch * limits.num_beams, Q, d.lm_hidden))
+        assert prof["past_key.0"][2][2] == 0 and prof["input_ids"][2][1] == implied[PROMPT][2]
+        assert prof["attention_mask"] == prof["input_ids"] and prof["input_ids"][1][1] == implied[PROMPT][1]
+        assert more_profiles("vision", d, limits) == []
     if d.lm == "t5" and "t5_step" in manifest.graphs:  # T5's encoder length reaches the step through its mask
         step = profile_shapes(manifest.graphs["t5_step"], table)
         assert [s[1] for s in step["encoder_attention_mask"]] == [s[1] for s in profile_shapes(
@@ -227,8 +236,11 @@ def test_external_data_builds_from_paths(bundles, external, monkeypatch, tmp_pat
         assert entry["io"] == src["io"] and entry["onnx_sha256"] == src["sha256"], name
         shapes = profile_shapes(source.graphs[name], table)
         assert entry["profile"] == {k: [list(s) for s in v] for k, v in shapes.items()}, name
-        (profile,) = loader._config.profiles
-        assert {k: (tuple(s.min), tuple(s.opt), tuple(s.max)) for k, s in profile.items()} == shapes, name
+        wanted = [shapes] + [profile_shapes(source.graphs[name], a) for a in more_profiles(name, source.dims, BUILD_LIMITS)]
+        assert [{k: (tuple(s.min), tuple(s.opt), tuple(s.max)) for k, s in p.items()} for p in loader._config.profiles] \
+            == wanted, name
+        assert entry["profiles"] == [{k: [list(s) for s in v] for k, v in w.items()} for w in wanted], name
+        assert len(wanted) == (2 if name == "opt_step" else 1), name
     for key in ("family", "tasks", "dims", "tokenizer", "image", "special_tokens", "generation"):
         assert trt.data[key] == source.data[key], key
     # the engines hold the weights the parser read from beside each graph: the inline bundle's results

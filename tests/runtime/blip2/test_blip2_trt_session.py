@@ -160,6 +160,12 @@ def test_generation_keeps_the_cache_on_the_device(onnx_bundles, cuda, tmp_path, 
             if how == "greedy" and len(args) == 1:  # the comparison means something: the images lead to
                 assert len({tuple(t) for t in want}) > 1, want  # different tokens (no prompt: no tokenizer in it)
             _check_device_loop(recorder.runs[start:], lm, beams=how == "beams")
+        if lm == "opt":  # the prompt calls ran on opt_step's prompt profile, every later step on the first
+            step = trt._engines["opt_step"]
+            prompts = sum(1 for r in recorder.runs if r.graph == "opt_step" and r.feeds["image_prefix"].shape[1])
+            steps = sum(1 for r in recorder.runs if r.graph == "opt_step") - prompts
+            assert [c.profile for c in step.contexts] == [0, 1]
+            assert [c.executed for c in step.contexts] == [steps, prompts] and prompts == len(calls), (steps, prompts)
         del recorder, ours
     assert cuda.live == 0, "close() and dropped tensors must free every device buffer"
 
