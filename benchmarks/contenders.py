@@ -29,10 +29,9 @@ GRAPH_STAGES = {"itm": "text_encoder"}  # graph -> benchmark stage, where they d
 def graph_stage(graph: str, feeds: dict) -> str:
     """The benchmark stage of one graph run: OPT's prompt runs through opt_step (its queries given, a
     non-empty image_prefix), timed as the prefill stage it is."""
-    prefix = feeds.get("image_prefix") if graph == "opt_step" else None
-    if prefix is not None and prefix.shape[1]:
-        return "opt_prefill"
-    return GRAPH_STAGES.get(graph, graph)
+    from blip_runtime.families.blip2.graphs import prompt_call
+
+    return "opt_prefill" if graph == "opt_step" and prompt_call(feeds) else GRAPH_STAGES.get(graph, graph)
 
 
 class StageClock:

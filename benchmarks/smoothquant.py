@@ -63,7 +63,9 @@ PARTS = ("opt_prefill", "opt_step")  # the table's columns: opt_step's prompt ca
 
 def _part(feeds: list[dict], part: str) -> list[dict]:
     """The prompt's calls of opt_step (queries given) for "opt_prefill", the later steps for "opt_step"."""
-    return [f for f in feeds if (f["image_prefix"].shape[1] > 0) == (part == "opt_prefill")]
+    from blip_runtime.families.blip2.graphs import prompt_call
+
+    return [f for f in feeds if prompt_call(f) == (part == "opt_prefill")]
 ALPHAS = (0.5, 0.75, 0.85)
 RESULTS = Path(__file__).resolve().parent / "RESULTS_smoothquant.md"
 MARKER = "<!-- measured tables -->"

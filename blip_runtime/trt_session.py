@@ -123,7 +123,10 @@ class _Engine:
     dtypes: dict  # tensor name -> numpy dtype, as the engine has it
 
     def context_for(self, shapes: dict[str, tuple]):
-        """The context of the first profile that holds every input shape, or None."""
+        """The context of the first profile that holds every input shape, or None (an engine of one
+        profile: its context, whose set_input_shape refuses what the profile does not hold)."""
+        if len(self.contexts) == 1:  # every engine but a multi-profile one: nothing to choose
+            return self.contexts[0]
         for context, profile in zip(self.contexts, self.profiles):
             if all(len(shape) == len(profile[n][0]) and all(lo <= s <= hi for lo, s, hi in zip(
                     profile[n][0], shape, profile[n][2])) for n, shape in shapes.items() if n in profile):

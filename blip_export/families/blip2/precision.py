@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import re
 
+from blip_runtime.families.blip2.graphs import prompt_call
+
 from .. import GraphPrecision
 
 QFORMER_GRAPHS = ("qformer", "itm", "text_features")
@@ -56,11 +58,6 @@ _NORM_OPS = ("Pow", "ReduceMean", "Add", "Sqrt", "Div", "Reciprocal", "Mul")
 _WO = re.compile(r"/wo(_\d+)?/MatMul$")
 
 
-def _is_prompt(feeds: dict) -> bool:
-    """An opt_step feed of a prompt's call: the queries are given (image_prefix [rows, Q, D], Q > 0)."""
-    return feeds["image_prefix"].shape[1] > 0
-
-
 def policy(graph: str, manifest: dict) -> GraphPrecision:
     """The rules for `graph` of the BLIP-2 fp32 bundle described by `manifest` (manifest.json's data)."""
     lm = manifest.get("dims", {}).get("lm", "")
@@ -71,7 +68,7 @@ def policy(graph: str, manifest: dict) -> GraphPrecision:
     if graph == "t5_cross_kv":
         return GraphPrecision(layer_groups=t5_layer_groups)
     if graph == "opt_step":
-        return GraphPrecision(smooth_alphas=OPT_SMOOTH_ALPHAS, prompt_twin="opt_prefill", prompt_feeds=_is_prompt)
+        return GraphPrecision(smooth_alphas=OPT_SMOOTH_ALPHAS, prompt_twin="opt_prefill", prompt_feeds=prompt_call)
     if graph == "opt_prefill" or (graph == "text_states" and lm == "opt"):  # opt_prefill: the earlier layout's
         return GraphPrecision(smooth_alphas=OPT_SMOOTH_ALPHAS)
     return GraphPrecision()

@@ -13,9 +13,11 @@ graph holds it already, and on TensorRT the prompt's embeddings never leave the 
 OPT has one LM graph, `opt_step`, for the prompt (past 0, the queries given) and for every later step
 (no queries): one copy of the LM's weights, where a prefill graph beside the step held a second one
 (5.7 GB of the 14.3 GB an fp32 OPT-1.3b runtime held after load). A reduced-precision bundle may carry
-`opt_prefill`, the same graph (same inputs) in a form for many rows, when the step's own form is one for
-one row per beam (int8-cpu's 8-bit MatMulNBits, int4): the runtime then runs the prompt through it. Checkpoints of the
-legacy convention (no `<image>` token; transformers concatenates the queries before the text) get
+`opt_prefill`, the same graph (same inputs) in a form for many rows, when the step's own form is one
+for one row per beam (int8-cpu's 8-bit MatMulNBits, int4): the runtime then runs the prompt through
+it (`prompt_call` tells the two kinds of call apart).
+
+Checkpoints of the legacy convention (no `<image>` token; transformers concatenates the queries before the text) get
 `image_token_id = V`, an id no token has: the runtime prepends Q of them (mask ones), which is the same
 concatenation, and the graph maps the marker to a real row before its table lookup.
 """
@@ -96,11 +98,18 @@ def _cross(rows: str, dims: Blip2Dims) -> list[TensorSpec]:
             for n in kv_names("cross", dims.lm_layers)]
 
 
-def opt_step_spec(dims: Blip2Dims, name: str = "opt_step") -> GraphSpec:
-    """OPT's one LM graph (see the module doc); `name` opt_prefill: its many-row twin, same inputs."""
+def prompt_call(feeds: dict) -> bool:
+    """Whether feeds of opt_step (or its twin) are a prompt's call: the queries given (image_prefix
+    [rows, Q, D], Q > 0); later steps give none (and a bundle of the earlier layout no image_prefix)."""
+    prefix = feeds.get("image_prefix")
+    return prefix is not None and prefix.shape[1] > 0
+
+
+def opt_step_spec(dims: Blip2Dims) -> GraphSpec:
+    """OPT's one LM graph (see the module doc)."""
     D, V = dims.lm_hidden, dims.vocab_size
     return GraphSpec(
-        name,
+        "opt_step",
         (TensorSpec("input_ids", I64, (ROWS, NEW), dims.lm_id_high), TensorSpec("image_prefix", F32, (ROWS, PREFIX, D)),
          TensorSpec("attention_mask", I64, (ROWS, TOTAL)), TensorSpec("position_ids", I64, (ROWS, NEW)),
          TensorSpec("beam_idx", I64, (ROWS,)), *_kv("past", ROWS, PAST, dims)),
@@ -112,7 +121,7 @@ def opt_step_spec(dims: Blip2Dims, name: str = "opt_step") -> GraphSpec:
         "row beam_idx[i]). position_ids as transformers derives them (cumsum(mask) * mask - 1: -1 on pads, "
         "which are masked), below dims.max_position_embeddings. Returns the last position's logits and "
         "the grown cache (total = past + new).",
-        roles=(ROLE_LOOP, ROLE_GEMV) if name == "opt_step" else ())  # the twin runs once per request
+        roles=(ROLE_LOOP, ROLE_GEMV))
 
 
 def graphs(dims: Blip2Dims, tasks) -> dict[str, GraphSpec]:
