@@ -46,10 +46,23 @@ def test_options_reach_every_session(pair):
     for name, s in session.sessions.items():
         opts = s.get_session_options()
         for key, value in MEMORY_OPTIONS.items():
+            if key == "enable_cpu_mem_arena" and name in session_module.feeds_loop_only(manifest):
+                continue  # the one per-graph exception, tested below
             got = opts.get_session_config_entry(key) if "." in key else getattr(opts, key)
             assert got == value, f"{name}: {key} = {got!r}, expected {value!r}"
     ort_defaults = OrtSession(manifest, memory={})
     assert all(s.get_session_options().enable_cpu_mem_arena for s in ort_defaults.sessions.values())
+
+
+def test_arena_for_the_graphs_that_feed_the_loop_only(pair):
+    """The runtime's defaults give ONNX Runtime's arena back to the graphs whose outputs all go into
+    the decoding loop (cross_kv here), and to no other; explicit memory options hold for every graph."""
+    manifest = pair[2]
+    assert session_module.feeds_loop_only(manifest) == {"cross_kv"}
+    arenas = {n: s.get_session_options().enable_cpu_mem_arena for n, s in OrtSession(manifest).sessions.items()}
+    assert arenas == {n: n == "cross_kv" for n in manifest.graphs}, arenas
+    explicit = OrtSession(manifest, memory={"enable_cpu_mem_arena": False})
+    assert not any(s.get_session_options().enable_cpu_mem_arena for s in explicit.sessions.values())
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])

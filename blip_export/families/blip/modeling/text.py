@@ -200,13 +200,12 @@ class BlipTextModel(nn.Module):
         if not self.config.is_decoder:
             raise ValueError("this text model has no cross-attention layers (text_config.is_decoder is false)")
         attns = [layer.crossattention.self for layer in self.encoder.layer]
-        if not exporting():
-            return [att.key_value(encoder_hidden_states) for att in attns]
-        # Exported: every layer's K and V projections as one matmul (N x D_enc by D_enc x 2*L*D), a
-        # bigger GEMM that runs closer to the machine's matmul rate than 2L small ones.
-        kv = fused_linear(encoder_hidden_states, *[lin for att in attns for lin in (att.key, att.value)])
-        parts = kv.chunk(2 * len(attns), dim=-1)
-        return [(att.heads(parts[2 * i]), att.heads(parts[2 * i + 1])) for i, att in enumerate(attns)]
+        # One matmul per projection, each writing its own output: no fused [B, N, 2*L*D] product to
+        # slice apart. Measured on this graph's shapes (BLIP-base, N = 577, 24 projections of 768,
+        # 2 threads, ONNX Runtime): int8 14.7 ms against 41.0 ms for one fused matmul + 24 Slices
+        # (18.0 with an arena), fp32 44.5 against 65.1 ms; the fused product alone was 42 MB per row.
+        return [(att.heads(att.key(encoder_hidden_states)), att.heads(att.value(encoder_hidden_states)))
+                for att in attns]
 
     def forward(
         self,
