@@ -19,8 +19,8 @@ class Session(Protocol):
 
 # Rows per run of the CPU graphs that run once per request (vision, cross_kv), see OrtSession. Their
 # activations grow with the batch and were the run's peak: BLIP-base fp32, batch 8, vision rose 461 MB
-# and cross_kv 650 MB above the resident set in one run (its fused K/V projection [8, 577, 24 * 768]
-# and the 24 transposed outputs are alive together). Measured peak of the caption cases (greedy,
+# and cross_kv 650 MB above the resident set in one run (its then fused K/V projection [8, 577, 24 * 768]
+# and the 24 transposed outputs were alive together). Measured peak of the caption cases (greedy,
 # 3 beams, batch 8; RESULTS_memory.md), arena off + trim: 1 row 1463 MB, 2 rows 1555 MB, whole
 # batches 1719 MB (fp32; int8-cpu 814 / 865 / 1396 MB). A compute-bound graph loses nothing row by
 # row (the paired timing there); the outputs are bit-identical.
@@ -160,13 +160,14 @@ MEMORY_OPTIONS: dict = {"enable_cpu_mem_arena": False}
 
 def feeds_loop_only(manifest: Manifest) -> set[str]:
     """Graphs outside the decoding loop whose every output is an input of a loop graph (BLIP's
-    cross_kv): the runtime's defaults give their sessions ONNX Runtime's CPU arena back. Their
-    outputs live through the whole loop anyway, and they are the largest blocks of a request (BLIP-base
-    cross_kv: 24 x 1.8 MB per row, and the fused K/V projection of 42 MB before them), above glibc's
-    32 MB mmap ceiling: without an arena each run maps them fresh and faults every page in again.
-    Measured, BLIP-base int8-cpu caption (20 tokens): cross_kv 45 -> 20 ms per request, peak RSS of
-    greedy + 3 beams + batch 8 810 -> 870 MB (the arena keeps one row's blocks; rows per run bound
-    it). Tokens are unchanged: the arena changes where the blocks are, not what is computed."""
+    cross_kv): the runtime's defaults give their sessions ONNX Runtime's CPU arena back. Their outputs
+    live through the whole loop anyway and are a request's largest blocks (BLIP-base cross_kv: 24 x
+    1.8 MB per row); without an arena they are freed at the request's end, trimmed, and faulted in
+    again by the next request. Measured, BLIP-base int8-cpu caption (20 tokens, paired in one process):
+    cross_kv 25 -> 14 ms per request (fp32 65 -> 52 ms); peak RSS of greedy + 3 beams + batch 8: int8
+    850 MB, fp32 1458 MB, against 810 / 1463 MB before cross_kv lost its fused projection and got the
+    arena (the arena keeps one row's blocks; rows per run bound it). Tokens are unchanged: the arena
+    changes where the blocks are, not what is computed."""
     loop_inputs = {t.name for spec in manifest.graphs.values() if spec.has(ROLE_LOOP) for t in spec.inputs}
     return {name for name, spec in manifest.graphs.items()
             if not spec.has(ROLE_LOOP) and spec.outputs and all(t.name in loop_inputs for t in spec.outputs)}

@@ -185,3 +185,15 @@ def test_roles_high_and_axes_in_manifest(bundles):
     again = GraphSpec.from_dict(old)
     assert again.roles == () and all(t.high is None for t in again.inputs)
     assert GraphSpec.from_dict(step.to_dict()) == step
+
+
+def test_cross_kv_writes_each_output_from_its_own_matmul(bundles):
+    """cross_kv has one MatMul per cross-attention K or V projection and no Slice: a fused
+    [B, N, 2*L*D] product sliced apart cost an extra 42 MB per row and 24 copies at BLIP-base size."""
+    import onnx
+
+    manifest = load_manifest(bundles["BlipForConditionalGeneration"] / "bundle")
+    ops = [n.op_type for n in onnx.load(str(manifest.graph_path("cross_kv")), load_external_data=False).graph.node]
+    outputs = len(manifest.graphs["cross_kv"].outputs)
+    assert ops.count("MatMul") == outputs == 2 * manifest.dims.num_layers, ops
+    assert "Slice" not in ops and "Split" not in ops, ops
