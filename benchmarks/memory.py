@@ -45,7 +45,7 @@ OPTIONS = {
     "no-arena+rows": {"memory": NO_ARENA, "rows_per_run": 1, "trim": False},
     "no-arena+trim": {"memory": NO_ARENA, "rows_per_run": None, "trim": True},
     "runtime+rows2": {"rows_per_run": 2},
-    "runtime+no-prepack": {"memory": {**NO_ARENA, "session.disable_prepacking": "1"}},
+    "runtime+no-prepack": {"memory": {**NO_ARENA, "session.disable_prepacking": "1"}, "loop_input_arena": True},
     "env-arena": {"memory": {"session.use_env_allocators": "1"}, **WHOLE},  # one arena for all sessions
     "runtime+external-data": {},
     "ort-defaults+external-data": {"memory": {}, **WHOLE},
@@ -304,47 +304,47 @@ def main(argv=None) -> int:
 # 2026-12-01 base run, the attribution tables at the end hold the per-step figures).
 FINDINGS = """## What the memory is, and what changed
 
-- **Weights.** fp32: 991 MB of graph files, 1034 MB resident after load, 992 MB of it anonymous: ONNX Runtime
+- **Weights.** fp32: 991 MB of graph files, 1035 MB resident after load, 992 MB of it anonymous: ONNX Runtime
   parses each inline graph file into heap memory and keeps its own copy of every initializer (MatMul weights
   prepacked into buffers of their own). The parsed copies are freed but glibc kept them resident, scattered
-  between live blocks: 1165 MB before the trim that OrtSession now does after load, 1034 MB after. The load's
-  peak (1264 MB, decoder_step's session) is its parsed file and its initializers at once.
-- **Batch-8 activations.** Run whole, vision rose 461 MB over the resident set and cross_kv 650 MB (its fused
-  K/V projection [8, 577, 24 * 768] alive with the 24 transposed outputs); that was the peak. Row by row (OrtSession
-  rows_per_run=1, outputs allocated once and written in place by IOBinding) vision rises 41 MB and cross_kv 393 MB,
-  of which 340 MB are the cross K/V themselves (42.5 MB per request, kept for the whole decode): the floor
-  while the decoder step takes fp32 cross K/V.
+  between live blocks: 1165 MB before the trim that OrtSession does after load, 1035 MB after. The load's
+  peak (1276 MB, decoder_step's session) is its parsed file and its initializers at once.
+- **Batch-8 activations.** Row by row (OrtSession rows_per_run=1, outputs allocated once and written in place
+  by IOBinding) vision rises at most 55 MB over the resident set and cross_kv 311-324 MB, which are the cross
+  K/V themselves (42.5 MB per request, kept for the whole decode): the floor while the decoder step takes fp32
+  cross K/V. Before cross_kv had one matmul per K/V projection, its fused product [8, 577, 24 x 768] was alive
+  with the 24 transposed outputs: run whole, cross_kv rose 650 MB, row by row 393 MB.
 - **The decoding loop** adds at most a few MB per step: the past K/V are the step graph's own outputs fed back
   (the cache grows inside the graph, no numpy concatenation), beams are reordered inside the graph (beam_idx), and
   the cross K/V are gathered once, at the expansion to beams. Nothing to change in decoding.py or the BLIP runtime.
-- **Arenas.** ONNX Runtime's CPU arena keeps every block a batch-8 run grew it to (ort-defaults 2628 MB against
-  2083 MB without it); one arena shared by all sessions (env-arena: session.use_env_allocators with an arena
-  registered in the environment) still keeps the largest run's blocks. Off, as before.
+- **Arenas.** ONNX Runtime's CPU arena keeps every block a batch-8 run grew it to (ort-defaults 1964 MB against
+  1674 MB without it, fp32; 2628 against 2083 MB with the fused cross_kv); one arena shared by all sessions
+  (env-arena: session.use_env_allocators with an arena registered in the environment) still keeps the largest
+  run's blocks. Off, except for the row-by-row graphs whose outputs all feed the decoding loop (cross_kv;
+  session.feeds_loop_only): their outputs live through the loop anyway, and without an arena each request
+  faulted them in afresh. Alternated in one process (loaded machine), int8-cpu cross_kv took 14 ms per caption
+  with the arena against 25 ms without (fp32 52 against 65 ms), and 38 ms as a fused matmul without it.
 - **Freed memory that stays resident.** Without an arena, freed activations go back to glibc, which keeps most of
-  them; OrtSession now trims the heap (malloc_trim) after each run of a graph outside the decoding loop.
-  Rows and trim together give the table's `runtime` row; each alone does less (no-arena+rows, no-arena+trim).
-- **Prepacking** costs nothing resident once the heap is trimmed (runtime+no-prepack: the same 1463 MB peak) and
-  int8-cpu's decoder step needs it (first caption 22.7 s without it against 4.4 s): on, as before.
+  them; OrtSession trims the heap (malloc_trim, 1.4 ms a call here) after each run of a graph outside the decoding
+  loop. Rows and trim together give the table's `runtime` row; trim alone does less (no-arena+trim). With the
+  per-projection cross_kv, rows alone (no-arena+rows) now come within 5% of it (fp32 1531 against 1460 MB, int8-cpu
+  808 against 834 MB: within the spread of a re-run).
+- **Prepacking** costs nothing resident once the heap is trimmed (fp32 runtime+no-prepack: 1459 MB against 1460)
+  and int8-cpu's decoder step needs it (first caption 4.2 s without it against 0.8 s; peak 945 against 834 MB):
+  on, as before.
 - **External data.** ONNX Runtime 1.32 maps a graph's external data file instead of reading it into the heap: the
   `+external-data` rows (the same graphs rewritten with their weights beside them) are lower after load and at the
-  peak (fp32 by 89 and 81 MB, int8-cpu by 88 and 96 MB: 718 MB = 0.38 x), and the weights it does not copy (embeddings, LayerNorms, biases) are page-cache
-  pages that processes running the same bundle share. That is a change of the exporter's layout (it writes
-  external data only for graphs over 2 GB today), not made here.
+  peak (fp32 by 89 and 78 MB, int8-cpu by 85 and 75 MB: 759 MB = 0.42 x), and the weights it does not copy
+  (embeddings, LayerNorms, biases) are page-cache pages that processes running the same bundle share. That is a
+  change of the exporter's layout (it writes external data only for graphs over 2 GB today), not made here.
 - **int8-cpu tokens.** fp32 row-by-row outputs are bit-identical to whole batches, so its tokens are equal. int8-cpu
   quantizes activations with one scale per run: whole, an image's vision output depends on the other images of its
-  batch; row by row it is the image's own, exactly as alone (tests/runtime/test_session_memory.py), which changes 3
-  of the 8 batch-8 captions (greedy and beam3 are equal). Its decoder step still groups the rows of a batch, so
-  neither form's batch-8 captions all equal the images' alone (4 of 8 do, the same 4 in both).
-- **Speed.** The paired lines below alternate the previous choice (no-arena) with the runtime's in one process,
-  on a machine at load average 10-15: single rounds range 0.4-3x, so they bound nothing finer than ~10-30%.
-  Neither option touches the decoder step (the loop graph runs whole batches and is never trimmed): its medians
-  move 0.65-1.08x in both directions, noise. Toggling only the trim on one OrtSession (greedy, 8 alternated
-  rounds): decoder step 0.94x (fp32) / 0.89x (int8-cpu), each malloc_trim call 9-12 ms, two per request (after
-  vision and cross_kv) against requests of seconds. Row by row, batch 8: vision 0.98x (fp32) / 0.76x, end to end
-  1.02x / 0.67x; cross_kv 1.13x / 1.54x slower on these rounds (it is 0.3-1.3 s of a 10-22 s request): the one
-  stage to re-measure on a quiet machine.
-- **Targets.** Peak of the three caption cases: fp32 1463 MB = 0.78 x transformers' 1867 MB (target <= 1);
-  int8-cpu 814 MB = 0.44 x (target <= 0.5), with prepacking on.
+  batch; row by row it is the image's own, exactly as alone (tests/runtime/test_session_memory.py), which changes
+  some of the 8 batch-8 captions (greedy and beam3 are equal). Its decoder step still groups the rows of a batch,
+  so neither form's batch-8 captions all equal the images' alone.
+- **Speed** is measured where it is paired: the cross_kv figures above, and RESULTS.md's stage tables (full runs).
+- **Targets.** Peak of the three caption cases: fp32 1460 MB = 0.81 x transformers' 1812 MB (target <= 1);
+  int8-cpu 834 MB = 0.46 x (target <= 0.5), with prepacking on.
 """
 
 
@@ -384,7 +384,9 @@ def report(result: dict) -> str:
         peaks = " | ".join(f"{r['cases'][c.name]['peak_mb']:.0f} MB" for c in CAPTION)
         lines.append(f"| {r['contender']} | {r['option']} | {r['load_seconds']:.1f} s | {r['first_result_seconds']:.1f} s | "
                      f"{r['rss_after_load_mb']:.0f} MB | {r['load_peak_mb']:.0f} MB | {peaks} | {share} | {same} |")
-    lines += ["", FINDINGS.strip(), "", "## Speed of the chosen options (paired)"]
+    lines += ["", FINDINGS.strip()]
+    if result.get("paired"):
+        lines += ["", "## Speed of the chosen options (paired)"]
     for pair in result.get("paired", []):
         if "error" in pair:
             lines += ["", f"Paired timing failed: {pair['error'][:300]}"]

@@ -43,9 +43,11 @@ class OrtSession:
 
     def __init__(self, manifest: Manifest, providers: list | None = None, threads: int | None = None,
                  memory: dict | None = None, rows_per_run: int | None = ROWS_PER_RUN, trim: bool = True,
-                 graphs: Sequence[str] | None = None):
+                 graphs: Sequence[str] | None = None, loop_input_arena: bool | None = None):
         """`memory`: ONNX Runtime memory options (MEMORY_OPTIONS' keys) that replace the defaults;
-        benchmarks/memory.py measures each of them. `rows_per_run`: on the CPU, a graph outside the
+        benchmarks/memory.py measures each of them. `loop_input_arena`: give ONNX Runtime's CPU arena
+        back to the row-by-row graphs whose outputs all feed the decoding loop (feeds_loop_only);
+        None: exactly when `memory` is None (the runtime's defaults). `rows_per_run`: on the CPU, a graph outside the
         decoding loop whose inputs and outputs all lead with the batch axis runs at most this many rows
         at a time, into outputs allocated once for the whole batch (see ROWS_PER_RUN); None: whole
         batches. `trim`: give the C heap's free pages back to the system after the sessions are made
@@ -69,7 +71,7 @@ class OrtSession:
                 opts.intra_op_num_threads = threads
             opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if manifest.graphs[graph].has(ROLE_LOOP) else "0")
             _apply_memory(opts, MEMORY_OPTIONS if memory is None else memory)
-            if memory is None and graph in arena_graphs:
+            if graph in arena_graphs:
                 opts.enable_cpu_mem_arena = True
             return opts
 
@@ -83,10 +85,15 @@ class OrtSession:
         if unknown:
             raise ValueError(f"graphs={unknown}: not in this bundle (it has {sorted(manifest.graphs)})")
         self.manifest, self.trim = manifest, trim
-        arena_graphs = feeds_loop_only(manifest)
         # Device providers hold activations in device memory, where whole batches run fastest.
         self.chunked = {name: rows_per_run for name, spec in manifest.graphs.items()
                         if rows_per_run and wanted == ["CPUExecutionProvider"] and _row_wise(spec)}
+        if loop_input_arena not in (None, True, False):
+            raise ValueError(f"loop_input_arena={loop_input_arena!r}: expected True, False or None")
+        # Only graphs run row by row: an arena keeps the largest run's blocks for the session's life,
+        # which rows per run bound to one chunk's.
+        arena_graphs = (feeds_loop_only(manifest) & set(self.chunked)
+                        if (memory is None if loop_input_arena is None else loop_input_arena) else set())
         self.sessions = {
             name: ort.InferenceSession(str(manifest.graph_path(name)), options(name), providers=providers)
             for name in names
@@ -146,7 +153,8 @@ class OrtSession:
         return out
 
 
-# Memory options of every graph's session; benchmarks/memory.py measures each (RESULTS_memory.md).
+# Memory options of every graph's session (the graphs of feeds_loop_only get the arena back, see
+# there); benchmarks/memory.py measures each (RESULTS_memory.md).
 # Keys: SessionOptions attributes, or ONNX Runtime session config entries (with a dot).
 # Measured, BLIP-base fp32 caption bundle, greedy + 3 beams + batch 8 once each, peak RSS: ONNX
 # Runtime's defaults 2628 MB, without the CPU arena 2083 MB (the arena keeps every block the batch-8
@@ -160,14 +168,15 @@ MEMORY_OPTIONS: dict = {"enable_cpu_mem_arena": False}
 
 def feeds_loop_only(manifest: Manifest) -> set[str]:
     """Graphs outside the decoding loop whose every output is an input of a loop graph (BLIP's
-    cross_kv): the runtime's defaults give their sessions ONNX Runtime's CPU arena back. Their outputs
-    live through the whole loop anyway and are a request's largest blocks (BLIP-base cross_kv: 24 x
-    1.8 MB per row); without an arena they are freed at the request's end, trimmed, and faulted in
-    again by the next request. Measured, BLIP-base int8-cpu caption (20 tokens, paired in one process):
-    cross_kv 25 -> 14 ms per request (fp32 65 -> 52 ms); peak RSS of greedy + 3 beams + batch 8: int8
-    850 MB, fp32 1458 MB, against 810 / 1463 MB before cross_kv lost its fused projection and got the
-    arena (the arena keeps one row's blocks; rows per run bound it). Tokens are unchanged: the arena
-    changes where the blocks are, not what is computed."""
+    cross_kv, BLIP-2 T5's t5_cross_kv): OrtSession's defaults give those that run row by row ONNX
+    Runtime's CPU arena back. Their outputs live through the whole loop anyway and are a request's
+    largest blocks (BLIP-base cross_kv: 24 x 1.8 MB per row); without an arena they are freed at the
+    request's end, trimmed, and faulted in again by the next request. Measured, BLIP-base caption
+    (20 tokens, one matmul per K/V projection, runtimes alternated in one process on a loaded
+    machine): int8-cpu cross_kv 25 -> 14 ms per request with the arena, fp32 65 -> 52 ms; peak RSS of
+    greedy + 3 beams + batch 8 (separate processes): int8-cpu 850 MB, fp32 1458 MB with the arena.
+    Tokens are unchanged: the arena changes where the blocks are, not what is computed. The rule looks
+    only at names: a graph whose outputs also went back to the caller would qualify as well."""
     loop_inputs = {t.name for spec in manifest.graphs.values() if spec.has(ROLE_LOOP) for t in spec.inputs}
     return {name for name, spec in manifest.graphs.items()
             if not spec.has(ROLE_LOOP) and spec.outputs and all(t.name in loop_inputs for t in spec.outputs)}

@@ -221,3 +221,42 @@ def test_int8_cpu_rows_are_each_image_alone(pair, tmp_path):
         alone = whole.run("vision", {"pixel_values": pixels[i : i + 1]})["image_embeds"][0]
         assert_close(rows[i], alone, 1e-7, f"int8-cpu vision row {i}, row by row vs alone")
     assert np.abs(batch - rows).max() > 0, "whole batches share one scale (the comparison means something)"
+
+
+def test_which_graphs_feed_the_loop_only():
+    """feeds_loop_only on every family's graph tables: BLIP's cross_kv (caption, VQA), BLIP-2 T5's
+    t5_cross_kv; none where no graph's outputs all go into the loop (retrieval, BLIP-2 OPT, whose
+    Q-Former output goes back to the caller too and whose step takes its own outputs back)."""
+    from types import SimpleNamespace
+
+    from blip_runtime.families.blip.graphs import Dims, graphs as blip_graphs
+    from blip_runtime.families.blip2.graphs import Blip2Dims, graphs as blip2_graphs
+
+    def of(table):
+        return session_module.feeds_loop_only(SimpleNamespace(graphs=table))
+
+    dims = Dims(image_size=32, num_image_tokens=5, vision_hidden=16, text_hidden=16, num_layers=2, num_heads=2,
+                head_dim=8, vocab_size=50, itc_dim=8)
+    for keys_transposed in (True, False):
+        assert of(blip_graphs(dims, {"caption"}, keys_transposed=keys_transposed)) == {"cross_kv"}
+        assert of(blip_graphs(dims, {"vqa"}, keys_transposed=keys_transposed)) == {"cross_kv"}
+    assert of(blip_graphs(dims, {"itm", "itc"})) == set()
+    lm = dict(image_size=32, num_image_tokens=5, vision_hidden=8, num_query_tokens=3, qformer_hidden=8,
+              qformer_vocab_size=50, lm_hidden=6, lm_layers=2, lm_heads=2, lm_head_dim=3, vocab_size=40,
+              image_token_id=39)
+    assert of(blip2_graphs(Blip2Dims(lm="opt", max_position_embeddings=64, **lm), ["generate"])) == set()
+    assert of(blip2_graphs(Blip2Dims(lm="t5", **lm), ["generate"])) == {"t5_cross_kv"}
+    assert of(blip2_graphs(Blip2Dims(itc_dim=4, **lm), ["itm", "itc"])) == set()
+
+
+def test_loop_input_arena_only_row_by_row(pair):
+    """The arena goes back only to graphs run row by row: whole batches (rows_per_run=None) would keep
+    the largest batch's blocks for the session's life. loop_input_arena=True gives it back under
+    explicit memory options too."""
+    manifest = pair[2]
+    arena = lambda s: {n for n, x in s.sessions.items() if x.get_session_options().enable_cpu_mem_arena}  # noqa: E731
+    assert arena(OrtSession(manifest, rows_per_run=None)) == set()
+    assert arena(OrtSession(manifest, memory={"enable_cpu_mem_arena": False}, loop_input_arena=True)) == {"cross_kv"}
+    assert arena(OrtSession(manifest, loop_input_arena=False)) == set()
+    with pytest.raises(ValueError, match="loop_input_arena"):
+        OrtSession(manifest, loop_input_arena="yes")

@@ -60,14 +60,10 @@ class BlipTextSelfAttention(nn.Module):
         return x.reshape(x.shape[0], -1, self.num_heads, self.head_dim).transpose(1, 2)
 
     def key_value(self, states: torch.Tensor) -> KV:
-        """states (B, T, D_kv) -> (k, v), each (B, H, T, Dh).
-
-        One matmul against the concatenated key/value weights (the exporter folds the concat into a
-        single initializer): a wider matrix streams faster than two, and it is one node to quantize."""
-        if not exporting():
-            return self.heads(self.key(states)), self.heads(self.value(states))
-        k, v = fused_linear(states, self.key, self.value).chunk(2, dim=-1)
-        return self.heads(k), self.heads(v)
+        """states (B, T, D_kv) -> (k, v), each (B, H, T, Dh): the two projections, as transformers
+        computes them (exported graphs use query_key_value for self-attention and one matmul per
+        projection for cross-attention, BlipTextModel.cross_key_values)."""
+        return self.heads(self.key(states)), self.heads(self.value(states))
 
     def query_key_value(self, x: torch.Tensor) -> tuple[torch.Tensor, KV]:
         """Self-attention: x (B, S, D) -> (q, (k, v)), each (B, H, S, Dh), from one fused matmul."""
@@ -201,9 +197,11 @@ class BlipTextModel(nn.Module):
             raise ValueError("this text model has no cross-attention layers (text_config.is_decoder is false)")
         attns = [layer.crossattention.self for layer in self.encoder.layer]
         # One matmul per projection, each writing its own output: no fused [B, N, 2*L*D] product to
-        # slice apart. Measured on this graph's shapes (BLIP-base, N = 577, 24 projections of 768,
-        # 2 threads, ONNX Runtime): int8 14.7 ms against 41.0 ms for one fused matmul + 24 Slices
-        # (18.0 with an arena), fp32 44.5 against 65.1 ms; the fused product alone was 42 MB per row.
+        # slice apart (every graph with cross-attention: cross_kv, and the text encoders' attention
+        # over the image). Measured on cross_kv's shapes alone (BLIP-base, N = 577, 24 projections of
+        # 768, 2 threads, ONNX Runtime without an arena, no heap trim): int8 14.7 ms against 41.0 ms
+        # for one fused matmul + 24 Slices, fp32 44.5 against 65.1 ms; the fused product alone was
+        # 42 MB per row.
         return [(att.heads(att.key(encoder_hidden_states)), att.heads(att.value(encoder_hidden_states)))
                 for att in attns]
 
