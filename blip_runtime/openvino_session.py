@@ -15,7 +15,7 @@ import numpy as np
 
 from .graphs import ROLE_LOOP
 from .manifest import BundleError, Manifest
-from .session import OrtSession, Session, _check_io, opened_spec, provider_names
+from .session import OrtSession, Session, _check_io, feeds_loop_only, opened_spec, provider_names
 
 ONNXRUNTIME, OPENVINO, AUTO = "onnxruntime", "openvino", "auto"
 BACKENDS = (ONNXRUNTIME, OPENVINO, AUTO)  # BlipRuntime.load(backend=...)
@@ -162,18 +162,24 @@ def _cpu_only(providers) -> bool:
 
 def auto_routes(manifest: Manifest, providers: list | None = None) -> dict[str, str]:
     """{graph: backend} for backend "auto": OpenVINO for the graphs that run once per request
-    (outside the decoding loop, ROLE_LOOP) of an fp32 bundle, ONNX Runtime for the loop.
+    (outside the decoding loop, ROLE_LOOP) of an fp32 bundle, except those whose outputs all feed the
+    loop (session.feeds_loop_only: cross_kv), ONNX Runtime for the rest.
 
-    Measured on this machine, idle (AMD EPYC Zen 5, 2 threads, BLIP-base fp32 caption bundle),
-    OpenVINO on our fp32 graphs against ONNX Runtime: vision 238 ms vs 306 ms, cross_kv 44 vs
-    73 ms, but decoder_step 20 vs 13 ms per token; the loop's many small kernels suit ONNX Runtime.
+    Measured on this machine (AMD EPYC Zen 5, 2 threads, BLIP-base fp32 caption bundle), OpenVINO on
+    our fp32 graphs against ONNX Runtime: vision 238 ms vs 306 ms (idle), but decoder_step 20 vs
+    13 ms per token; the loop's many small kernels suit ONNX Runtime. cross_kv: 44 vs 73 ms while it
+    was one fused matmul sliced apart; with one matmul per projection and ONNX Runtime's arena for it
+    (session.feeds_loop_only), 65 vs 48 ms, so it stays on ONNX Runtime: `auto` with it there against
+    `auto` with it on OpenVINO, alternated in one process, cross_kv 44 vs 56 ms and a 20-token caption
+    698 vs 718 ms.
     Everything stays on ONNX Runtime when openvino is not installed, when `providers` name a device
     (the figures are CPU against CPU), and for the other forms: int8-cpu and int4 are ONNX Runtime's
     own (its dynamic-quantization and MatMulNBits operators; OpenVINO took 2.1-2.9 s for BLIP-base's
     int8-cpu vision graph, loaded machine), and fp16 / int8-qdq were not measured faster on OpenVINO."""
     use_openvino = (manifest.data.get("precision", "fp32") == "fp32" and _cpu_only(providers)
                     and openvino_installed())
-    return {name: OPENVINO if use_openvino and not spec.has(ROLE_LOOP) else ONNXRUNTIME
+    loop_inputs = feeds_loop_only(manifest)
+    return {name: OPENVINO if use_openvino and not spec.has(ROLE_LOOP) and name not in loop_inputs else ONNXRUNTIME
             for name, spec in manifest.graphs.items()}
 
 
