@@ -29,12 +29,12 @@ import time
 from pathlib import Path
 
 from . import models
+from .blip2_cases import MODEL as BLIP2  # real size at scale base
 from .cases import CASES, images
 from .contenders import THREADS
 
 HERE = Path(__file__).resolve().parent
 CASE = next(c for c in CASES if c.name == "caption-greedy")
-BLIP2 = "blip2"  # benchmarks.blip2_cases.MODEL: real size at scale base
 MODEL_NAMES = {"caption": "BLIP-base", BLIP2: "BLIP-2 (OPT-1.3b dims)"}
 MODES = ("full", "stamp", "off")  # in this order: "full" writes the stamp that "stamp" then finds
 

@@ -319,8 +319,10 @@ def convert_bundle(
             entry and held-out error as graph `key` (name, or its prompt twin), on those of the graph's
             feeds `which` selects (None: all)."""
             say(f"{precision}: {key}")
-            held_feeds = [f for f in held[name] if which is None or which(f)]
-            calib_feeds = [f for f in calib.get(name, ()) if which is None or which(f)]
+            def pick(feeds):
+                return [f for f in feeds if which is None or which(f)]
+
+            held_feeds = pick(held[name])
             if precision == "fp16" and policy.keep_fp32:
                 info = keep_fp32(source, target, name, policy.keep_fp32)
             elif precision == "fp16":
@@ -332,7 +334,7 @@ def convert_bundle(
             else:  # int8-qdq, int8-cpu, and int4's graphs of many rows
                 if precision == "int8-qdq":
                     def quantize(s, t):
-                        return to_int8(s, t, name, calib_feeds, held_feeds, bound=bound, method=method, progress=say,
+                        return to_int8(s, t, name, pick(calib[name]), held_feeds, bound=bound, method=method, progress=say,
                                        layer_groups=policy.layer_groups)
                 else:
                     def quantize(s, t):
@@ -342,7 +344,7 @@ def convert_bundle(
                     info = quantize(source, target)
                 else:
                     info = _smoothed_or_not(quantize, source, target, name, policy.smooth_alphas,
-                                            calib_feeds or held_feeds, bound, say)
+                                            pick(calib.get(name, ())) or held_feeds, bound, say)
             error = graph_errors(run_all(ort_session(target), held_feeds), run_all(ort_session(source), held_feeds))
             accuracy[key] = {**error, "feeds": len(held_feeds)}
             say(f"{key}: max abs {error['max_abs']:.3e}, relative {error['rel']:.3e}")

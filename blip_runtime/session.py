@@ -88,12 +88,13 @@ class OrtSession:
         # Device providers hold activations in device memory, where whole batches run fastest.
         self.chunked = {name: rows_per_run for name, spec in manifest.graphs.items()
                         if rows_per_run and wanted == ["CPUExecutionProvider"] and _row_wise(spec)}
-        if loop_input_arena not in (None, True, False):
+        if loop_input_arena is not None and not isinstance(loop_input_arena, bool):
             raise ValueError(f"loop_input_arena={loop_input_arena!r}: expected True, False or None")
+        if loop_input_arena is None:
+            loop_input_arena = memory is None
         # Only graphs run row by row: an arena keeps the largest run's blocks for the session's life,
         # which rows per run bound to one chunk's.
-        arena_graphs = (feeds_loop_only(manifest) & set(self.chunked)
-                        if (memory is None if loop_input_arena is None else loop_input_arena) else set())
+        arena_graphs = feeds_loop_only(manifest) & set(self.chunked) if loop_input_arena else set()
         self.sessions = {
             name: ort.InferenceSession(str(manifest.graph_path(name)), options(name), providers=providers)
             for name in names

@@ -122,16 +122,17 @@ class _Engine:
     profiles: list  # the manifest's profiles: [{input: [min, opt, max]}]
     dtypes: dict  # tensor name -> numpy dtype, as the engine has it
 
-    def context_for(self, shapes: dict[str, tuple]):
-        """The context of the first profile that holds every input shape, or None (an engine of one
-        profile: its context, whose set_input_shape refuses what the profile does not hold)."""
-        if len(self.contexts) == 1:  # every engine but a multi-profile one: nothing to choose
+    def context_for(self, feeds: dict):
+        """The context of the first profile that holds every feed's shape; the first context when none
+        does (its set_input_shape then refuses the call) or when the engine has one profile (every
+        engine but a multi-profile one: nothing to choose, nothing to compare per run)."""
+        if len(self.contexts) == 1:
             return self.contexts[0]
         for context, profile in zip(self.contexts, self.profiles):
-            if all(len(shape) == len(profile[n][0]) and all(lo <= s <= hi for lo, s, hi in zip(
-                    profile[n][0], shape, profile[n][2])) for n, shape in shapes.items() if n in profile):
+            if all(len(value.shape) == len(profile[n][0]) and all(lo <= s <= hi for lo, s, hi in zip(
+                    profile[n][0], value.shape, profile[n][2])) for n, value in feeds.items() if n in profile):
                 return context
-        return None
+        return self.contexts[0]
 
 
 class TrtSession:
@@ -188,7 +189,7 @@ class TrtSession:
             raise RuntimeError("TrtSession.run after close()")
         spec.check_feeds({k: _stand_in(v) for k, v in feeds.items()})
         e = self._engines[graph]
-        context = e.context_for({t.name: tuple(feeds[t.name].shape) for t in spec.inputs}) or e.contexts[0]
+        context = e.context_for(feeds)
         # Host feeds copied in for this run, held until it is enqueued: dropped earlier, a buffer would
         # go back to the pool and could come out again as one of this run's outputs.
         uploaded = []
