@@ -120,9 +120,25 @@ def _progress(quiet: bool):
     return plain, (lambda: None), (lambda: None)
 
 
+_SIGNALLED: list[int] = []  # signals _terminate received during this export
+
+
 def _terminate(signum, frame):
-    # SIGTERM takes KeyboardInterrupt's path: every staging folder is removed on the way out.
+    # SIGTERM and SIGINT take KeyboardInterrupt's path: every staging folder is removed on the way out.
+    # Raised where Python ignores exceptions (a weakref callback, __del__: one fired inside an import
+    # lock's callback, and the export ran to the end), the interrupt is lost; the record makes the next
+    # progress report raise it again (_honour_signals).
+    _SIGNALLED.append(signum)
     raise KeyboardInterrupt
+
+
+def _honour_signals(say):
+    """`say`, raising KeyboardInterrupt first if a signal arrived that was not acted on."""
+    def checked(msg: str) -> None:
+        if _SIGNALLED:
+            raise KeyboardInterrupt
+        say(msg)
+    return checked
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,11 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as e:
         return fail(str(e), 1)
 
+    _SIGNALLED.clear()
     try:
-        previous = signal.signal(signal.SIGTERM, _terminate)
-    except ValueError:  # not the main thread (main() called from a worker thread): leave SIGTERM alone
-        previous = None
+        previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGINT)}
+    except ValueError:  # not the main thread (main() called from a worker thread): leave the signals alone
+        previous = {}
     say, clear, close = _progress(args.quiet or as_json)
+    say = _honour_signals(say)
     try:
         for folder, output in jobs:
             try:
@@ -203,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{report.bundle}  {report.precision}  tasks: {','.join(report.tasks)}  ({report.seconds:.1f} s)")
     finally:
         close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if as_json:
         print(json.dumps({"ok": True, "version": version(), "bundles": done}))
     return 0

@@ -391,3 +391,25 @@ def test_pickle_that_runs_code_is_never_run(ckpt, tmp_path):
     assert "pytorch_model.bin" in line and "weights_only" in line, line
     assert not marker.exists(), "the pickle's code ran"
     assert snapshot(tmp_path) == before
+
+
+def test_a_lost_interrupt_is_raised_again_at_the_next_stage():
+    """A SIGTERM whose KeyboardInterrupt Python swallowed (it fired inside an import lock's weakref
+    callback in one CI run, and the export ran to the end) still stops the export at its next
+    progress report."""
+    from blip_export import cli as cli_module
+
+    said = []
+    cli_module._SIGNALLED.clear()
+    say = cli_module._honour_signals(said.append)
+    say("exporting vision")
+    try:
+        cli_module._terminate(signal.SIGTERM, None)
+    except KeyboardInterrupt:
+        pass  # where Python ignores exceptions: the interrupt is lost
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            say("verifying vision")
+    finally:
+        cli_module._SIGNALLED.clear()
+    assert said == ["exporting vision"]
