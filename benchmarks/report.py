@@ -185,12 +185,24 @@ def targets(results, table, lf) -> list[tuple[str, str, bool | None]]:
         ro = pr["median"]
     else:
         int8_vs_fp32 = separate or "not measured"
+    versus = results.get("paired_transformers", {})
+    r32_text = f"{r32:.2f}×" if r32 else "not measured"
+    for name in ("ort-fp32", "ort-int8"):  # alternating rounds, each in its own process (benchmarks.paired)
+        pv = versus.get("ratios", {}).get(f"{base}/{name}")
+        if not pv:
+            continue
+        text = (f"{pv['median']:.2f}× paired ({name}, median of {versus['rounds']} alternating rounds, each "
+                f"contender in its own process, range {pv['min']:.2f}–{pv['max']:.2f}×); separate blocks: ")
+        if name == "ort-fp32":
+            r32, r32_text = pv["median"], text + r32_text
+        else:
+            r8, int8_text = pv["median"], text + (int8_text or "not measured")
     share = lf.get("ort-fp32/vision_gflops", 0) / lf["rate"] if "ort-fp32/vision_gflops" in lf else None
     dec = lf["ort-fp32/per_token"] / lf["read_s"] if lf.get("ort-fp32/per_token") else None
     check = lambda v, t: None if v is None else v >= t  # noqa: E731
     return [
         ("caption batch 1 greedy, ORT fp32 ≥ 1.8× transformers end to end",
-         f"{r32:.2f}×" if r32 else "not measured", check(r32, TARGETS["caption_fp32"])),
+         r32_text, check(r32, TARGETS["caption_fp32"])),
         ("caption batch 1 greedy, ORT int8 ≥ 5× transformers end to end",
          int8_text or "not measured: no int8 bundle (see notes)", check(r8, TARGETS["caption_int8"])),
         ("vision graph fp32 ≥ 85% of the measured matmul rate (batch 1)",
@@ -207,15 +219,18 @@ def targets(results, table, lf) -> list[tuple[str, str, bool | None]]:
 
 
 def paired_lines(pair: dict | None) -> list[str]:
-    """The paired int8-vs-fp32 measurement (benchmarks.paired), when the run made one."""
+    """A paired measurement (benchmarks.paired: int8 against fp32 in one process, or the bundles
+    against transformers each in its own process), when the run made one."""
     if not pair:
         return []
     sec, names = pair["seconds"], pair["order"]
     ratios = "; ".join(f"{k.split('/')[1]}: median {v['median']:.2f}×, per round "
                        + ", ".join(f"{r:.2f}" for r in v["per_round"]) for k, v in pair["ratios"].items())
+    where = ("each in a worker process of its own, run alternately (one at a time), so that all see the same "
+             "machine state" if pair.get("processes") else
+             "loaded in one process and run alternately, so that both see the same machine state")
     return ["", f"Paired ({pair['case']}, {pair['rounds']} rounds after a warm-up round, "
-            + " and ".join(names) + " loaded in one process and run alternately, so that both see the same "
-            "machine state; the separate-process medians above are minutes apart): "
+            + " and ".join(names) + f" {where}; the separate-process medians above are minutes apart): "
             + ", ".join(f"{n} median {fmt_s(sec[n]['median'])} ({fmt_s(sec[n]['min'])}–{fmt_s(sec[n]['max'])})"
                         for n in names)
             + f". Speed-up over {names[0]}: {ratios}."]
@@ -304,6 +319,7 @@ def markdown(results: dict) -> str:
         out.append(f"| {what} | {measured} | {verdict(met)} | {'see below' if met is False else ''} |")
     for what, measured, met, why in more.more_targets(results, table):
         out.append(f"| {what} | {measured} | {verdict(met)} | {why if met is False else ''} |")
+    out += paired_lines(results.get("paired_transformers"))
     out += paired_lines(results.get("paired"))
     budget = budget_lines(table, lf, base)
     if budget:

@@ -216,6 +216,18 @@ def main(argv=None) -> int:
             except RuntimeError as e:
                 results["failures"]["paired"] = str(e)
                 bar.write(f"FAILED: {e}")
+        versus = [c for c in ("ort-fp32", "ort-int8") if c in wanted and (c, "caption") in jobs]
+        if versus and "transformers" in wanted and ("transformers", "caption") in jobs and (
+                chosen is None or "caption-greedy" in chosen):
+            bar.set_postfix_str("paired against transformers")
+            rounds = ["--rounds", "2" if args.scale == "tiny" else str(paired.ROUNDS_PROCESSES)]
+            try:
+                results["paired_transformers"] = run_json(
+                    "paired", ["--scale", args.scale, "--processes", "--contenders", ",".join(["transformers", *versus]),
+                               *rounds], logs / "paired-transformers.json", logs / "paired-transformers.log")
+            except RuntimeError as e:
+                results["failures"]["paired_transformers"] = str(e)
+                bar.write(f"FAILED: {e}")
         bar.set_postfix_str("ORT profiles")
         profile_args = ["--scale", args.scale] + ([] if args.no_fusions else ["--fusions"])
         results["profile"] = run_json("profile_ort", profile_args, logs / "profile.json", logs / "profile.log")

@@ -2,7 +2,13 @@
 own (ru_maxrss), and an ORT process never has torch loaded. Prints one JSON line per timed or
 warm-up run (progress for benchmarks.run) and a final {"result": ...} line.
 
+With --serve it loads, prints {"ready": info}, and then runs its one case once for every line read
+from stdin, printing {"seconds": ..., "output": ...} after each, until stdin closes: benchmarks.paired
+drives such workers alternately, so that contenders in processes of their own (transformers among
+them) are timed round by round on the same machine state.
+
     python -m benchmarks.worker ort-fp32 caption [--scale tiny] [--repeats 1] [--cases caption-greedy]
+    python -m benchmarks.worker transformers caption --cases caption-greedy --serve
 """
 
 from __future__ import annotations
@@ -47,6 +53,15 @@ def bench(contender, case, repeats: int) -> dict:
     return {"times": times, "stages": stages, "output": produced}
 
 
+def serve(contender, case) -> None:
+    """One run of `case` per line on stdin, timed; stops at end of input."""
+    imgs = images(case.batch, seed=1)
+    for _ in sys.stdin:
+        start = time.perf_counter()
+        output = contender.run(case, imgs)
+        emit(seconds=time.perf_counter() - start, output=summary(output))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("contender", choices=sorted(CONTENDERS))
@@ -54,6 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--scale", default="base")
     p.add_argument("--repeats", type=int, help="timed runs per case (default: each case's own count)")
     p.add_argument("--cases", help="comma-separated case names (default: all of this model's)")
+    p.add_argument("--serve", action="store_true", help="run the one case given by --cases once per stdin line")
     args = p.parse_args(argv)
     wanted = set(args.cases.split(",")) if args.cases else None
     contender = CONTENDERS[args.contender]()
@@ -65,8 +81,15 @@ def main(argv=None) -> int:
                 unsupported[c.name] = note
             else:
                 cases.append(c)
+    if args.serve and (len(cases) != 1 or unsupported):
+        p.error(f"--serve: --cases must name one case of {args.model} that {args.contender} runs "
+                f"(got {[c.name for c in cases]}, unsupported {sorted(unsupported)})")
     start = time.perf_counter()
     info = contender.load(args.scale, args.model)
+    if args.serve:
+        emit(ready=info)
+        serve(contender, cases[0])
+        return 0
     load_s = time.perf_counter() - start
     import psutil
 

@@ -38,7 +38,16 @@ def test_benchmark_runs_on_tiny_model(tmp_path):
     for c in ov:  # OpenVINO's own path in f32 decodes transformers' tokens
         assert caption[c] == caption["transformers"]
     assert results["limits"]["int8"]["gops"] > 0
+    versus = results["paired_transformers"]  # alternating rounds, each contender in its own process
+    assert versus["processes"] and versus["order"] == ["transformers", "ort-fp32", "ort-int8"]
+    assert set(versus["ratios"]) == {"transformers/ort-fp32", "transformers/ort-int8"}
+    assert all(len(r["per_round"]) == 2 and r["min"] > 0 for r in versus["ratios"].values())
+    assert versus["tokens"]["ort-fp32"] == versus["tokens"]["transformers"] == caption["transformers"]
+    assert versus["forms"]["ort-int8"] == "int8-cpu"
     text = (tmp_path / "RESULTS.md").read_text()
+    fp32_row = next(line for line in text.splitlines() if line.startswith("| caption batch 1 greedy, ORT fp32 ≥ 1.8×"))
+    assert "paired (ort-fp32, median of 2 alternating rounds, each contender in its own process" in fp32_row
+    assert "each in a worker process of its own" in text
     for section in ("## End to end", "## Targets", "## Stage breakdown", "## Peak memory", "## Machine limits",
                     "int8 GEMM rate", "## OpenVINO", "## BLIP-2", "## Memory and start-up"):
         assert section in text
@@ -62,6 +71,17 @@ def test_paired_int8_vs_fp32_on_tiny_model(tmp_path):
     lines = report.paired_lines(result)
     assert "ort-int8-cpu: median" in lines[-1]
     assert paired.main(["--scale", "tiny", "--contenders", "transformers,ort-fp32"]) == 1  # not a bundle contender
+
+
+def test_serving_worker_refuses_anything_but_one_case(capsys):
+    """`benchmarks.worker --serve` runs exactly one case; zero or several is a one-line usage error."""
+    from benchmarks import worker
+
+    for cases in ("caption-greedy,caption-beam3", "itm"):  # two cases; a case of another model (none left)
+        with pytest.raises(SystemExit) as e:
+            worker.main(["ort-fp32", "caption", "--scale", "tiny", "--cases", cases, "--serve"])
+        assert e.value.code == 2
+        assert "--serve: --cases must name one case of caption" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not HAS_OPENVINO, reason="openvino and nncf are not installed")
