@@ -260,3 +260,29 @@ def test_loop_input_arena_only_row_by_row(pair):
     assert arena(OrtSession(manifest, loop_input_arena=False)) == set()
     with pytest.raises(ValueError, match="loop_input_arena"):
         OrtSession(manifest, loop_input_arena="yes")
+
+
+def test_heap_trimmed_after_multi_row_runs_outside_the_loop_only(pair, monkeypatch):
+    """A request of one row leaves its freed blocks for the next one (no trim, whose pages would be
+    faulted in again); a run of more rows than TRIM_AFTER_ROWS outside the decoding loop trims, and
+    the loop's steps never do. trim=False never trims."""
+    manifest = pair[2]
+    session = OrtSession(manifest)
+    trims = []
+    monkeypatch.setattr(session_module, "release_free_memory", lambda: trims.append(1))
+    rt = BlipRuntime(manifest, session)
+    trimmed = []
+    run = session.run
+    session.run = lambda graph, feeds, *a, **k: (trims.clear(), run(graph, feeds, *a, **k),
+                                                 trimmed.append((graph, len(next(iter(feeds.values()))), bool(trims))))[1]
+    rt.caption_tokens(images(1), max_new_tokens=4, min_new_tokens=4)
+    assert trimmed and not any(t for _, _, t in trimmed), f"a one-row request trimmed: {trimmed}"
+    trimmed.clear()
+    rt.caption_tokens(images(2), max_new_tokens=4, min_new_tokens=4)
+    assert {g for g, _, t in trimmed if t} == {"vision", "cross_kv"}, trimmed
+    assert all(not t for g, _, t in trimmed if g == "decoder_step"), "a decoding step trimmed"
+    assert session_module.TRIM_AFTER_ROWS == 1
+    untrimmed = OrtSession(manifest, trim=False)
+    trims.clear()
+    BlipRuntime(manifest, untrimmed).caption_tokens(images(2), max_new_tokens=4, min_new_tokens=4)
+    assert not trims
