@@ -308,33 +308,37 @@ FINDINGS = """## What the memory is, and what changed
   parses each inline graph file into heap memory and keeps its own copy of every initializer (MatMul weights
   prepacked into buffers of their own). The parsed copies are freed but glibc kept them resident, scattered
   between live blocks: 1165 MB before the trim that OrtSession does after load, 1035 MB after. The load's
-  peak (1276 MB, decoder_step's session) is its parsed file and its initializers at once.
+  peak (1285 MB, decoder_step's session) is its parsed file and its initializers at once.
 - **Batch-8 activations.** Row by row (OrtSession rows_per_run=1, outputs allocated once and written in place
-  by IOBinding) vision rises at most 55 MB over the resident set and cross_kv 311-324 MB, which are the cross
+  by IOBinding) vision rises at most 72 MB over the resident set and cross_kv 311-325 MB, which are the cross
   K/V themselves (42.5 MB per request, kept for the whole decode): the floor while the decoder step takes fp32
   cross K/V. Before cross_kv had one matmul per K/V projection, its fused product [8, 577, 24 x 768] was alive
   with the 24 transposed outputs: run whole, cross_kv rose 650 MB, row by row 393 MB.
 - **The decoding loop** adds at most a few MB per step: the past K/V are the step graph's own outputs fed back
   (the cache grows inside the graph, no numpy concatenation), beams are reordered inside the graph (beam_idx), and
   the cross K/V are gathered once, at the expansion to beams. Nothing to change in decoding.py or the BLIP runtime.
-- **Arenas.** ONNX Runtime's CPU arena keeps every block a batch-8 run grew it to (ort-defaults 1964 MB against
-  1674 MB without it, fp32; 2628 against 2083 MB with the fused cross_kv); one arena shared by all sessions
+- **Arenas.** ONNX Runtime's CPU arena keeps every block a batch-8 run grew it to (ort-defaults 1956 MB against
+  1629 MB without it, fp32; 2628 against 2083 MB with the fused cross_kv); one arena shared by all sessions
   (env-arena: session.use_env_allocators with an arena registered in the environment) still keeps the largest
   run's blocks. Off, except for the row-by-row graphs whose outputs all feed the decoding loop (cross_kv;
   session.feeds_loop_only): their outputs live through the loop anyway, and without an arena each request
   faulted them in afresh. Alternated in one process (loaded machine), int8-cpu cross_kv took 14 ms per caption
   with the arena against 25 ms without (fp32 52 against 65 ms), and 38 ms as a fused matmul without it.
 - **Freed memory that stays resident.** Without an arena, freed activations go back to glibc, which keeps most of
-  them; OrtSession trims the heap (malloc_trim, 1.4 ms a call here) after each run of a graph outside the decoding
-  loop. Rows and trim together give the table's `runtime` row; trim alone does less (no-arena+trim). With the
-  per-projection cross_kv, rows alone (no-arena+rows) now come within 5% of it (fp32 1531 against 1460 MB, int8-cpu
-  808 against 834 MB: within the spread of a re-run).
-- **Prepacking** costs nothing resident once the heap is trimmed (fp32 runtime+no-prepack: 1459 MB against 1460)
-  and int8-cpu's decoder step needs it (first caption 4.2 s without it against 0.8 s; peak 945 against 834 MB):
+  them; OrtSession trims the heap (malloc_trim, 1.4 ms a call here) after each run of more than one row of a graph
+  outside the decoding loop (session.TRIM_AFTER_ROWS). Rows and trim together give the table's `runtime` row; trim
+  alone does less (no-arena+trim), rows alone come close (no-arena+rows: fp32 1540 against 1483 MB, int8-cpu 842
+  against 841 MB). Single-row runs are not trimmed: their freed blocks are what the next request reuses, and a
+  page given back costs ~3 us to fault in again on this VM (0.8 ms per MB). Trimming after those as well made
+  each request fault its working set in afresh (a single-row vision run keeps 127 MB fp32, 91 MB int8-cpu):
+  BLIP-base int8-cpu caption 414 ms against 381 ms without those trims (the two policies in processes of their
+  own, alternated, 15 rounds; fp32 1.04x), at the same peak.
+- **Prepacking** costs nothing resident once the heap is trimmed (fp32 runtime+no-prepack: 1481 MB against 1483)
+  and int8-cpu's decoder step needs it (first caption 5.2 s without it against 1.3 s; peak 939 against 841 MB):
   on, as before.
 - **External data.** ONNX Runtime 1.32 maps a graph's external data file instead of reading it into the heap: the
   `+external-data` rows (the same graphs rewritten with their weights beside them) are lower after load and at the
-  peak (fp32 by 89 and 78 MB, int8-cpu by 85 and 75 MB: 759 MB = 0.42 x), and the weights it does not copy
+  peak (fp32 by 89 and 85 MB, int8-cpu by 87 and 85 MB: 756 MB = 0.38 x), and the weights it does not copy
   (embeddings, LayerNorms, biases) are page-cache pages that processes running the same bundle share. That is a
   change of the exporter's layout (it writes external data only for graphs over 2 GB today), not made here.
 - **int8-cpu tokens.** fp32 row-by-row outputs are bit-identical to whole batches, so its tokens are equal. int8-cpu
@@ -343,8 +347,9 @@ FINDINGS = """## What the memory is, and what changed
   some of the 8 batch-8 captions (greedy and beam3 are equal). Its decoder step still groups the rows of a batch,
   so neither form's batch-8 captions all equal the images' alone.
 - **Speed** is measured where it is paired: the cross_kv figures above, and RESULTS.md's stage tables (full runs).
-- **Targets.** Peak of the three caption cases: fp32 1460 MB = 0.81 x transformers' 1812 MB (target <= 1);
-  int8-cpu 834 MB = 0.46 x (target <= 0.5), with prepacking on.
+- **Targets.** Peak of the three caption cases: fp32 1483 MB = 0.74 x transformers' 2014 MB (target <= 1);
+  int8-cpu 841 MB = 0.42 x (target <= 0.5), with prepacking on. transformers' peak moves between runs (1812 MB
+  in the run before this one, 1853 MB in the latest full run, where ours were 1467 and 854 MB = 0.79 x and 0.46 x).
 """
 
 
