@@ -206,6 +206,7 @@ def export_bundle(
             },
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        say(f"moving the bundle into {dest}")  # the last report: a pending interrupt stops here (blip-export)
         install(tmp, dest, overwrite)
     report.seconds = time.time() - start
     return report

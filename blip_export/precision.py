@@ -389,6 +389,7 @@ def convert_bundle(
         say("end-to-end comparison on held-out images")
         data["accuracy"]["end_to_end"] = compare_runtimes(expected, BlipRuntime.load(tmp), holdout_images, holdout_texts)
         _write(tmp, data)
+        say(f"moving the bundle into {dst}")  # the last report: a pending interrupt stops here (blip-export)
         install(tmp, dst)
     return data
 

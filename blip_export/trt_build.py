@@ -169,6 +169,7 @@ def build_engines(bundle_dir: Path, dst: Path, limits: Limits, timing_cache: Pat
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        say(f"moving the engines into {dst}")  # the last report: a pending interrupt stops here (blip-export)
         install(tmp, dst)
     return manifest
 

@@ -413,3 +413,24 @@ def test_a_lost_interrupt_is_raised_again_at_the_next_stage():
     finally:
         cli_module._SIGNALLED.clear()
     assert said == ["exporting vision"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_the_last_report_comes_before_the_bundle_moves_into_place(precision, ckpt, tmp_path):
+    """Each stage reports once more after its last check and before its bundle moves into place, so
+    an interrupt that was lost after the last verification is raised there too (_honour_signals),
+    and the destination is then never written."""
+    from blip_export.pipeline import export
+
+    dest = tmp_path / "out"
+    said = []
+
+    def progress(msg):
+        said.append(msg)
+        if msg == f"moving the bundle into {dest}":  # int8: after the fp32 stage moved into the staging folder
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        export(ckpt, dest, precision=precision, progress=progress)
+    assert said[-1] == f"moving the bundle into {dest}"
+    assert not dest.exists() and list(tmp_path.iterdir()) == [], sorted(p.name for p in tmp_path.iterdir())
