@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def alternate(runs: dict, rounds: int, settle: float = 0.0) -> tuple[dict, dict]:
-    """Run each of `runs` ({name: () -> lengths}) once per round, in order, after a warm-up round;
+    """Run each of `runs` ({name: () -> what it produced}) once per round, in order, after a warm-up round;
     `settle` seconds of sleep after each run let the last one's spinning threads go idle."""
     times: dict[str, list[float]] = {n: [] for n in runs}
     outputs = {}
@@ -149,7 +149,7 @@ def paired_processes(scale: str, case_name: str, names: list[str], rounds: int, 
     workers: dict[str, Worker] = {}
     try:
         for name in names:
-            workers[name] = Worker(name, scale, case, logs / f"paired-{name}.log" if logs else None)
+            workers[name] = Worker(name, scale, case, logs / f"paired-worker-{name}.log" if logs else None)
         _, outputs = alternate({n: w.run for n, w in workers.items()}, rounds, settle)
         times = {n: w.seconds[1:] for n, w in workers.items()}  # the worker's own clock; round 0 is the warm-up
     finally:

@@ -30,6 +30,7 @@ def plot(results: dict, table: dict, order: list[str], path: Path) -> None:
     colors = plt.get_cmap("tab20").colors
     width = 0.84 / max(len(others), 1)
     paired = (results.get("paired_transformers") or {}).get("ratios", {})
+    marked = False  # the paired diamonds' legend entry is given once
     for i, c in enumerate(others):
         x = np.arange(len(cases)) + (i - (len(others) - 1) / 2) * width
         speedup = [table[k][base]["median"] / table[k][c]["median"] if c in table[k] else np.nan for k in cases]
@@ -41,8 +42,8 @@ def plot(results: dict, table: dict, order: list[str], path: Path) -> None:
         if pr and "caption-greedy" in cases:
             xi = x[cases.index("caption-greedy")]
             ax1.plot([xi], [pr["median"]], marker="D", linestyle="none", color="black", markersize=4, zorder=3,
-                     label="paired, own processes" if not ax1.get_legend_handles_labels()[1].count(
-                         "paired, own processes") else None)
+                     label=None if marked else "paired, own processes")
+            marked = True
     ax1.axhline(1.0, color="black", linewidth=0.8)
     ax1.set_xticks(np.arange(len(cases)), cases)
     ax1.set_ylabel(f"speed-up over {base} (its median / ours)")

@@ -206,28 +206,24 @@ def main(argv=None) -> int:
             except RuntimeError as e:
                 results["failures"][f"{name}/{model}"] = str(e)
                 bar.write(f"FAILED: {e}")
-        pair = [c for c in ("ort-fp32", "ort-int8-cpu") if c in wanted and (c, "caption") in jobs]
-        if len(pair) == 2 and (chosen is None or "caption-greedy" in chosen):
-            bar.set_postfix_str("paired int8 vs fp32")
-            rounds = ["--rounds", "2" if args.scale == "tiny" else str(paired.ROUNDS)]
+        def run_paired(key: str, what: str, rounds: int, extra: list[str]) -> None:
+            """benchmarks.paired into results[key]; a failure is recorded, the run goes on."""
+            bar.set_postfix_str(what)
+            argv = ["--scale", args.scale, "--rounds", "2" if args.scale == "tiny" else str(rounds), *extra]
             try:
-                results["paired"] = run_json("paired", ["--scale", args.scale, *rounds], logs / "paired.json",
-                                             logs / "paired.log")
+                results[key] = run_json("paired", argv, logs / f"{key}.json", logs / f"{key}.log")
             except RuntimeError as e:
-                results["failures"]["paired"] = str(e)
+                results["failures"][key] = str(e)
                 bar.write(f"FAILED: {e}")
-        versus = [c for c in ("ort-fp32", "ort-int8") if c in wanted and (c, "caption") in jobs]
-        if versus and "transformers" in wanted and ("transformers", "caption") in jobs and (
-                chosen is None or "caption-greedy" in chosen):
-            bar.set_postfix_str("paired against transformers")
-            rounds = ["--rounds", "2" if args.scale == "tiny" else str(paired.ROUNDS_PROCESSES)]
-            try:
-                results["paired_transformers"] = run_json(
-                    "paired", ["--scale", args.scale, "--processes", "--contenders", ",".join(["transformers", *versus]),
-                               *rounds], logs / "paired-transformers.json", logs / "paired-transformers.log")
-            except RuntimeError as e:
-                results["failures"]["paired_transformers"] = str(e)
-                bar.write(f"FAILED: {e}")
+
+        greedy = chosen is None or "caption-greedy" in chosen
+        ran = lambda c: c in wanted and (c, "caption") in jobs  # noqa: E731
+        if greedy and ran("ort-fp32") and ran("ort-int8-cpu"):
+            run_paired("paired", "paired int8 vs fp32", paired.ROUNDS, [])
+        versus = [c for c in ("ort-fp32", "ort-int8") if ran(c)]
+        if greedy and versus and ran("transformers"):
+            run_paired("paired_transformers", "paired against transformers", paired.ROUNDS_PROCESSES,
+                       ["--processes", "--contenders", ",".join(["transformers", *versus])])
         bar.set_postfix_str("ORT profiles")
         profile_args = ["--scale", args.scale] + ([] if args.no_fusions else ["--fusions"])
         results["profile"] = run_json("profile_ort", profile_args, logs / "profile.json", logs / "profile.log")

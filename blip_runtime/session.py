@@ -30,9 +30,10 @@ ROWS_PER_RUN = 1
 # this. A single-row request's freed blocks are what the next single-row request reuses, and memory
 # given back is faulted in again at a cost: on this project's machines (2-core VMs) a fresh page costs
 # ~3 us, 0.8 ms per MB (touching a fresh 200 MB mapping). Measured, BLIP-base int8-cpu caption, the
-# two policies in processes of their own run alternately (15 rounds): trimming after every such run
-# 455 ms, after multi-row runs only 418 ms (8.6% per round; vision -14 ms, decoder steps -17 ms), peak
-# RSS of greedy captioning 506 -> 551 MB; the peak of greedy + 3 beams + batch 8 is RESULTS_memory.md's.
+# two policies in processes of their own run alternately (15 rounds, loaded machine): trimming after
+# every such run 414 ms, after multi-row runs only 381 ms (1.105x per round; a second pair, order
+# swapped, 1.04x; fp32 1.04x), peak RSS of greedy captioning 520 and 513 MB; the peak of greedy + 3
+# beams + batch 8 is RESULTS_memory.md's.
 TRIM_AFTER_ROWS = 1
 
 
